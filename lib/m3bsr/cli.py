@@ -1,0 +1,93 @@
+"""Command line: ``python -m m3bsr train | evaluate | stats``.
+
+    python -m m3bsr train --dataset ml-100k-mm --model m3bsr --profile default --seed 0 --out runs/x
+    python -m m3bsr train --data-file my.csv --deep buy --model sasrec --profile ci --out runs/y
+    python -m m3bsr evaluate --run runs/x
+    torchrun --nproc_per_node=2 -m m3bsr train ...   # data-parallel (gloo on CPU, nccl on CUDA)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .config import PROFILES, ConfigError, make_config
+from .data.schema import DataError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="m3bsr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one model on one dataset and write <out>/metrics.json")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="synthetic | ml-100k-mm | ml-latest-small-mm | rec-tmall | taobao-ub")
+    src.add_argument("--data-file", help="a CSV with header user_id,item_id,behavior,timestamp")
+    t.add_argument("--deep", help="comma-separated behaviours forming the deep (target) level")
+    t.add_argument("--levels", help='multi-level order, shallow -> deep, e.g. "pv|cart|fav,buy"')
+    t.add_argument("--model", required=True)
+    t.add_argument("--profile", default="default", choices=sorted(PROFILES))
+    t.add_argument("--seed", type=int)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--device", help="auto | cpu | cuda[:N]")
+    t.add_argument("--data-root", help="folder holding the datasets (else $M3BSR_DATA)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set cdbd=false --set T=5")
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from <out>/last.pt (exactly: the same metrics as an uninterrupted run)")
+
+    e = sub.add_parser("evaluate", help="recompute metrics from a run's best checkpoint")
+    e.add_argument("--run", required=True)
+    e.add_argument("--device", default="auto")
+
+    s = sub.add_parser("stats", help="print a dataset's statistics")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--data-root")
+    s.add_argument("--profile", default="default", choices=sorted(PROFILES))
+    return p
+
+
+def _config(a: argparse.Namespace):
+    over: dict[str, object] = {}
+    for kv in a.set:
+        if "=" not in kv:
+            raise SystemExit(f"--set expects KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        over[k.strip()] = v
+    for field, value in (("dataset", a.dataset), ("data_file", a.data_file), ("deep", a.deep), ("levels", a.levels),
+                         ("model", a.model), ("seed", a.seed), ("epochs", a.epochs), ("device", a.device),
+                         ("data_root", a.data_root)):
+        if value is not None:
+            over[field] = value
+    if a.data_file:
+        over["dataset"] = "csv"
+    return make_config(a.profile, over)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    from .train import CheckpointError, Trainer, close_distributed, evaluate_run  # noqa: PLC0415 (torch loads here)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints results
+    try:
+        if a.command == "train":
+            cfg = _config(a)
+            result = Trainer(cfg, a.out).fit(resume=a.resume)
+            if main_rank:
+                print(json.dumps({"valid": result["valid"], "test": result["test"]}, indent=2))
+        elif a.command == "evaluate":
+            result = evaluate_run(a.run, a.device)
+            if main_rank:
+                print(json.dumps(result, indent=2))
+        elif a.command == "stats":
+            from .data.sources import load_dataset  # noqa: PLC0415
+            cfg = make_config(a.profile, {"dataset": a.dataset, **({"data_root": a.data_root} if a.data_root else {})})
+            print(json.dumps(load_dataset(cfg.data, features=False).stats(), indent=2))
+    except (DataError, CheckpointError, ConfigError) as err:
+        who = f"m3bsr[rank {os.environ['RANK']}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "m3bsr"
+        print(f"{who}: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        close_distributed()
+    return 0

@@ -1,0 +1,185 @@
+"""Configuration dataclasses and the ``ci`` / ``default`` / ``paper`` profiles.
+
+A run is fully described by a :class:`Config` (data + model + train). ``--set key=value`` on the
+command line overrides any field by its (unique) name, e.g. ``--set cdbd=false --set T=5``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """An unknown profile, model, device or config field, or a value of the wrong type."""
+
+
+def repo_root() -> Path:
+    """The project folder (the one holding ``lib/``)."""
+    return Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # synthetic | ml-100k-mm | ml-latest-small-mm | rec-tmall | taobao-ub | csv
+    data_root: str | None = None  # None: $M3BSR_DATA, else ../shared/datasets when it exists
+    data_file: str | None = None  # the generic CSV (dataset="csv")
+    deep: str | None = None  # comma-separated raw behaviours forming the deep (target) level; None: loader default
+    levels: str | None = None  # multi-level order, e.g. "pv|cart|fav,buy" (shallow -> deep, "|" between levels)
+    favor_threshold: float = 4.0  # MovieLens: rating >= this is a favor (deep); every rating is a click
+    cache_dir: str | None = None  # feature cache; None: <repo>/data/cache
+    max_len: int = 50  # L: events kept per behaviour stream (most recent first)
+    min_deep: int = 3  # users with fewer deep events get no valid/test target (their events still train)
+    # synthetic generator sizes (the profile sets them)
+    syn_users: int = 600
+    syn_items: int = 800
+    syn_clusters: int = 8
+    syn_events: int = 60  # mean events per user
+    syn_noise: float = 0.3  # fraction of accidental clicks
+    syn_feature_noise: float = 1.0  # std of the planted modality noise (relative to the clean signal)
+    syn_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    model: str = "m3bsr"
+    d: int = 64
+    layers: int = 2
+    heads: int = 2
+    dropout: float = 0.2
+    # diffusion (M3BSR and DiffuRec)
+    T: int = 15  # training diffusion steps (paper: 15)
+    inference_steps: int | None = None  # <= T, strided; None: T
+    schedule: str = "cosine"  # cosine: abar_t = cos^2(0.9*pi/2*t/T) | linear: beta 1e-4..0.02
+    eval_mode: str = "deterministic"  # deterministic (eps = 0) | stochastic (seeded) | skip
+    diffusion_loss: str = "paper"  # paper: ||h~_t - h-_t||^2 | eps: ||eps - eps^_t||^2
+    time_embedding: bool = False  # sinusoidal t-embedding added to the CI query (not in the paper)
+    # M3BSR components (ablation switches)
+    cdmd: bool = True  # conditional diffusion modality denoising (ID conditions image/text)
+    cdbd: bool = True  # conditional diffusion behaviour denoising (deeper conditions shallower)
+    cdbd_condition: str = "same"  # same: favor of the same modality | concat: all favor modalities
+    cdbd_deeper: str = "next"  # >2 levels: condition on the next deeper level | all: all deeper levels
+    contrastive: bool = True
+    contrastive_variant: str = "apart"  # apart: the paper's loss over 7 interests | push: dropout views
+    common_expert: bool = True
+    router: str = "gate"  # gate: sigmoid gate | softmax: over all experts | mean: no router (plain mean)
+    shared_specific: bool = True  # one Transformer per modality shared by all behaviours
+    modalities: str = "id,image,text"  # subset for ablations; missing data modalities are skipped
+    tau: float = 0.1  # contrastive temperature
+    lambda_c: float = 0.1
+    lambda_m: float = 0.1
+    lambda_b: float = 0.1
+    tie_weights: bool = False  # prediction layer W tied to the ID embedding table
+    # baselines
+    mask_ratio: float = 0.2  # BERT4Rec
+    diffurec_T: int = 32  # DiffuRec's default steps
+    diffurec_schedule: str = "trunc_lin"  # DiffuRec's truncated-linear betas | cosine
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 200
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 10  # early stopping on validation NDCG@10
+    eval_every: int = 1
+    eval_batch_size: int = 512
+    device: str = "auto"  # auto: cuda when available
+    bf16: bool = False  # bf16 autocast (CUDA)
+    sampled_negatives: int = 99  # 1 + 99 sampled metrics next to full ranking (0: off)
+    mask_seen: bool = False  # mask already-seen items at ranking time (default: not masked)
+    max_steps: int | None = None  # stop after this many optimiser steps (smoke tests)
+    progress: bool = True  # tqdm bar (quiet anyway when stderr is not a terminal)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    profile: str = "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        return cls(data=DataConfig(**d["data"]), model=ModelConfig(**d["model"]),
+                   train=TrainConfig(**d["train"]), profile=d.get("profile", "default"))
+
+    def hash(self) -> str:
+        """Stable hash of everything that changes results (not the device or progress bar)."""
+        d = self.to_dict()
+        for k in ("device", "progress"):
+            d["train"].pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def set(self, key: str, value: Any) -> None:
+        """Override one field by name, parsing strings ("false", "5", "none") to the field's type."""
+        owners = [s for s in (self.data, self.model, self.train) if key in {f.name for f in dataclasses.fields(s)}]
+        if not owners:
+            raise ConfigError(f"unknown config field {key!r}")
+        sub = owners[0]
+        ftype = {f.name: f.type for f in dataclasses.fields(sub)}[key]
+        value = _parse(value, str(ftype), key)
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"config field {key!r} must be one of {CHOICES[key]}, got {value!r}")
+        setattr(sub, key, value)
+
+
+CHOICES: dict[str, tuple] = {
+    "dataset": ("synthetic", "ml-100k-mm", "ml-latest-small-mm", "rec-tmall", "taobao-ub", "csv"),
+    "schedule": ("cosine", "linear"), "eval_mode": ("deterministic", "stochastic", "skip"),
+    "diffusion_loss": ("paper", "eps"), "cdbd_condition": ("same", "concat"), "cdbd_deeper": ("next", "all"),
+    "contrastive_variant": ("apart", "push"), "router": ("gate", "softmax", "mean"),
+    "diffurec_schedule": ("trunc_lin", "cosine"),
+}
+
+
+def _parse(value: Any, ftype: str, key: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    v = value.strip()
+    if v.lower() in ("none", "null") and "None" in ftype:
+        return None
+    try:
+        if ftype.startswith("bool"):
+            if v.lower() in ("1", "true", "yes", "on"):
+                return True
+            if v.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(v)
+        if ftype.startswith("int"):
+            return int(v)
+        if ftype.startswith("float"):
+            return float(v)
+    except ValueError:
+        raise ConfigError(f"config field {key!r} expects {ftype}, got {value!r}") from None
+    return v
+
+
+# Profiles: ci = seconds to minutes on 2 CPU cores; default = the README's CPU job; paper = GPU scale.
+PROFILES: dict[str, dict[str, Any]] = {
+    "ci": dict(syn_users=150, syn_items=200, syn_events=40, max_len=20, d=32, layers=1, heads=2, T=5,
+               epochs=4, batch_size=64, patience=2, diffurec_T=8, sampled_negatives=99),
+    "default": dict(syn_users=600, syn_items=800, syn_events=60, max_len=50, d=64, layers=2, heads=2,
+                    T=15, epochs=100, batch_size=256, patience=10, diffurec_T=32),
+    "paper": dict(syn_users=5000, syn_items=50000, syn_events=100, max_len=50, d=64, layers=2, heads=2,
+                  T=15, epochs=200, batch_size=256, patience=10, diffurec_T=32),
+}
+
+
+def make_config(profile: str = "default", overrides: dict[str, Any] | None = None) -> Config:
+    """The profile's config with ``overrides`` (field name -> value) applied."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
+    cfg = Config(profile=profile)
+    for k, v in {**PROFILES[profile], **(overrides or {})}.items():
+        cfg.set(k, v)
+    return cfg

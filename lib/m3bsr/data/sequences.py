@@ -1,0 +1,134 @@
+"""Leave-one-out split on the deep behaviour and time-causal padded batches.
+
+The split (``protocol.md``): per user, the last deep event is the test target, the one before
+is the validation target, earlier deep events are training targets. Users with fewer than
+``min_deep`` deep events have no validation/test target; all their deep events train.
+
+History for a target = every event of every level with a timestamp strictly before the
+target's timestamp (events at the target's own timestamp are never history).
+
+A batch is a dict of tensors (S = number of levels, L = max_len, K = targets per row):
+
+* ``items``  ``(B, S, L + 1)`` long: per level, position 0 is BOS (item 0, time ``TIME_BOS``),
+  positions 1..n hold the level's most recent events in time order, then padding (item 0,
+  time ``TIME_PAD``).
+* ``times``  ``(B, S, L + 1)`` long.
+* ``targets`` ``(B, K)`` long: deep-level items to predict (0 = no target).
+* ``target_times`` ``(B, K)`` long.
+* ``users`` ``(B,)`` long.
+
+Training rows hold windows of a user's events before the validation target, one window per L
+deep events: every deep event of a window with some history is a target (K = L), so all
+positions train in one forward pass, as in SASRec. Evaluation rows hold one target (K = 1) and the events strictly before it.
+A model turns the per-target histories into indices with :func:`history_index`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .schema import Dataset
+
+TIME_BOS = -(2 ** 62)
+TIME_PAD = 2 ** 62
+
+
+def history_index(times: torch.Tensor, target_times: torch.Tensor) -> torch.Tensor:
+    """Index of the last event strictly before each target, per level.
+
+    times ``(B, S, L+1)``, target_times ``(B, K)`` -> ``(B, S, K)`` long in 0..L (0 = only BOS).
+    Valid events are sorted by time and BOS sits at 0, so the count of events at positions
+    1..L with time < target time is the index of the last such event.
+    """
+    return (times[:, :, None, 1:] < target_times[:, None, :, None]).sum(-1)
+
+
+class SequenceData:
+    """Precomputed padded arrays for training, validation and test rows of one dataset."""
+
+    def __init__(self, ds: Dataset, max_len: int = 50, min_deep: int = 3):
+        self.ds, self.L, self.S = ds, max_len, ds.n_levels
+        self.n_items = ds.n_items
+        deep = ds.n_levels - 1
+        df = ds.interactions
+        users = df["user"].to_numpy()
+        bounds = np.flatnonzero(np.diff(users)) + 1
+        starts = np.concatenate([[0], bounds])
+        ends = np.concatenate([bounds, [len(df)]])
+        item_a, level_a, time_a = (df[c].to_numpy() for c in ("item", "level", "timestamp"))
+
+        train_rows, eval_rows = [], {"valid": [], "test": []}
+        self.seen: dict[int, np.ndarray] = {}
+        for s, e in zip(starts, ends):
+            u = int(users[s])
+            it, lv, tm = item_a[s:e], level_a[s:e], time_a[s:e]
+            self.seen[u] = np.unique(it)
+            deep_pos = np.flatnonzero(lv == deep)
+            if len(deep_pos) >= min_deep:
+                v, t = deep_pos[-2], deep_pos[-1]
+                eval_rows["valid"].append(self._eval_row(u, it, lv, tm, v))
+                eval_rows["test"].append(self._eval_row(u, it, lv, tm, t))
+                cut = v  # training window: events before the validation target in time/file order
+            else:
+                cut = e - s
+            train_rows += self._train_rows(u, it[:cut], lv[:cut], tm[:cut])
+        self.train = _stack(train_rows, self.S, max_len, max_len)
+        self.valid = _stack(eval_rows["valid"], self.S, max_len, 1)
+        self.test = _stack(eval_rows["test"], self.S, max_len, 1)
+
+    def _window(self, it, lv, tm):
+        """Per level, the last L events -> lists of (items, times)."""
+        return [(it[lv == s][-self.L:], tm[lv == s][-self.L:]) for s in range(self.S)]
+
+    def _eval_row(self, u, it, lv, tm, pos):
+        before = tm < tm[pos]  # strictly before the target's timestamp
+        return u, self._window(it[before], lv[before], tm[before]), [it[pos]], [tm[pos]]
+
+    def _train_rows(self, u, it, lv, tm):
+        """Windows ending at every L-th deep event from the last one back, so each deep event is a
+        target exactly once; a deep event is a target when some event of its window precedes it."""
+        rows = []
+        deep_pos = np.flatnonzero(lv == self.S - 1)
+        for end in deep_pos[::-1][::self.L]:
+            streams = self._window(it[:end + 1], lv[:end + 1], tm[:end + 1])
+            d_items, d_times = streams[-1]
+            first = min(t[0] for _, t in streams if len(t))
+            keep = d_times > first
+            if keep.any():
+                rows.append((u, streams, np.where(keep, d_items, 0), d_times))
+        return rows[::-1]
+
+    def split(self, name: str) -> dict[str, torch.Tensor]:
+        return {"train": self.train, "valid": self.valid, "test": self.test}[name]
+
+    @property
+    def n_eval_users(self) -> int:
+        return len(self.test["users"])
+
+
+def _stack(rows, S: int, L: int, K: int) -> dict[str, torch.Tensor]:
+    B = len(rows)
+    items = np.zeros((B, S, L + 1), np.int64)
+    times = np.full((B, S, L + 1), TIME_PAD, np.int64)
+    times[:, :, 0] = TIME_BOS
+    targets = np.zeros((B, K), np.int64)
+    target_times = np.full((B, K), TIME_PAD, np.int64)
+    users = np.zeros(B, np.int64)
+    for b, (u, streams, tg, tt) in enumerate(rows):
+        users[b] = u
+        for s, (si, st) in enumerate(streams):
+            items[b, s, 1:1 + len(si)] = si
+            times[b, s, 1:1 + len(st)] = st
+        targets[b, :len(tg)] = tg
+        target_times[b, :len(tt)] = tt
+    return {k: torch.from_numpy(v) for k, v in
+            dict(items=items, times=times, targets=targets, target_times=target_times, users=users).items()}
+
+
+def batches(split: dict[str, torch.Tensor], batch_size: int, generator: torch.Generator | None = None):
+    """Yield row batches; shuffled with ``generator`` when one is given."""
+    n = len(split["users"])
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for i in range(0, n, batch_size):
+        idx = order[i:i + batch_size]
+        yield {k: v[idx] for k, v in split.items()}

@@ -1,0 +1,43 @@
+"""Full-ranking metrics with pessimistic ties (``protocol.md``).
+
+rank = 1 + number of *other* items whose score is >= the target's score. A model that gives
+every item the same score therefore ranks the target last and gets HR@K = 0.
+"""
+from __future__ import annotations
+
+import torch
+
+KS = (5, 10, 20)
+
+
+def ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pessimistic 1-based rank of each target. scores ``(B, N)``, target ``(B,)`` -> ``(B,)`` long.
+
+    NaN scores count against the target: a NaN elsewhere ties above it, a NaN target ranks last.
+    """
+    scores = scores.float()
+    t = scores.gather(1, target[:, None])
+    others_ge = (scores >= t) | scores.isnan()
+    r = others_ge.sum(1) - (~t.isnan()[:, 0]).long() + 1  # the target itself counts in others_ge unless NaN
+    return torch.where(t[:, 0].isnan(), torch.full_like(r, scores.shape[1]), r)
+
+
+def metrics_from_ranks(r: torch.Tensor, ks=KS) -> dict[str, float]:
+    """HR@K, NDCG@K (one relevant item: 1/log2(rank+1) when rank <= K) and MRR, averaged."""
+    r = r.double()
+    out = {}
+    for k in ks:
+        hit = r <= k
+        out[f"HR@{k}"] = hit.double().mean().item()
+        out[f"NDCG@{k}"] = torch.where(hit, 1.0 / torch.log2(r + 1.0), torch.zeros_like(r)).mean().item()
+    out["MRR"] = (1.0 / r).mean().item()
+    return out
+
+
+def rank_metrics(scores: torch.Tensor, target: torch.Tensor, ks=KS) -> dict[str, float]:
+    """Full-ranking metrics. scores ``(B, N)``, target ``(B,)`` item indices in 0..N-1.
+
+    >>> rank_metrics(torch.zeros(2, 30), torch.tensor([3, 7]))["HR@10"]
+    0.0
+    """
+    return metrics_from_ranks(ranks(scores, target), ks)

@@ -1,0 +1,125 @@
+"""Building blocks shared by every model: attention, Transformer blocks, item encoders.
+
+Masks are boolean with True = "may attend", shaped to broadcast to ``(B, heads, Lq, Lk)``;
+every query row must allow at least one key (BOS positions guarantee it).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data.sequences import TIME_PAD
+
+MAX_POSITIONS = 512  # longest stream (max_len + 1) a positional table supports
+
+
+class Attention(nn.Module):
+    """Multi-head attention: queries from ``x`` ``(B, Lq, d)``, keys/values from ``c`` ``(B, Lk, d)``."""
+
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.h, self.dropout = heads, dropout
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None,
+                return_weights: bool = False):
+        B, Lq, d = x.shape
+        q = self.q(x).view(B, Lq, self.h, d // self.h).transpose(1, 2)
+        k, v = self.kv(c).view(B, c.shape[1], 2, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        if mask is not None and mask.dim() == 3:
+            mask = mask[:, None]
+        if return_weights:  # explicit path, for the notebooks' attention maps
+            att = (q @ k.transpose(-1, -2)) / math.sqrt(d // self.h)
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            w = att.softmax(-1)
+            y = (w @ v).transpose(1, 2).reshape(B, Lq, d)
+            return self.proj(y), w
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, Lq, d))
+
+
+class Block(nn.Module):
+    """Pre-LN Transformer block: (cross-)attention then a position-wise feed-forward net."""
+
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.ln_c = nn.LayerNorm(d)
+        self.att = Attention(d, heads, dropout)
+        self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, c: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.drop(self.att(h, h if c is None else self.ln_c(c), mask))
+        return x + self.ff(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of self-attention blocks with a final LayerNorm. ``(B, L, d)`` -> ``(B, L, d)``."""
+
+    def __init__(self, d: int, layers: int, heads: int, dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d, heads, dropout) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        for blk in self.blocks:
+            x = blk(x, mask)
+        return self.ln(x)
+
+
+def causal_mask(L: int, device=None) -> torch.Tensor:
+    """``(L, L)`` True on and below the diagonal: position i sees positions j <= i."""
+    return torch.ones(L, L, dtype=torch.bool, device=device).tril()
+
+
+def before_mask(q_times: torch.Tensor, k_times: torch.Tensor) -> torch.Tensor:
+    """Time-aware mask ``(B, Lq, Lk)``: a query at time tau sees keys strictly before tau.
+
+    Keys at BOS time are always visible, so no row is empty; padded keys are never visible.
+    """
+    return (k_times[:, None, :] < q_times[:, :, None]) & (k_times[:, None, :] < TIME_PAD)
+
+
+def gather_positions(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Pick per-target positions: x ``(B, L, d)``, idx ``(B, K)`` -> ``(B, K, d)``."""
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+class FeatureProjection(nn.Module):
+    """Frozen item features of one modality -> d. Items lacking the modality get a learned vector.
+
+    features ``(N+1, D)`` and mask ``(N+1,)`` are buffers (not trained); ``forward(items)`` maps
+    item ids of any shape to ``(..., d)``.
+    """
+
+    def __init__(self, features: torch.Tensor, mask: torch.Tensor, d: int):
+        super().__init__()
+        feats = features.float()
+        valid = feats[mask]
+        mu = valid.mean(0) if len(valid) else torch.zeros(feats.shape[1])
+        sd = valid.std(0) + 1e-6 if len(valid) > 1 else torch.ones(feats.shape[1])
+        self.register_buffer("features", torch.where(mask[:, None], (feats - mu) / sd, torch.zeros_like(feats)))
+        self.register_buffer("mask", mask.bool())
+        self.proj = nn.Linear(feats.shape[1], d)
+        self.missing = nn.Parameter(torch.zeros(d))
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        h = self.proj(self.features[items])
+        return torch.where(self.mask[items][..., None], h, self.missing.to(h.dtype))
+
+
+def sinusoidal(t: torch.Tensor, d: int) -> torch.Tensor:
+    """Sinusoidal embedding of integer steps ``t`` ``(...)`` -> ``(..., d)``."""
+    half = d // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    ang = t.float()[..., None] * freqs
+    return torch.cat([ang.sin(), ang.cos()], -1)

@@ -1,0 +1,608 @@
+"""The model-agnostic trainer: seeds, validation-only early stopping, atomic resumable checkpoints,
+and data-parallel training with ``torchrun``.
+
+``Trainer(cfg).fit()`` loads the data, trains ``cfg.model.model`` with Adam on CE (+ the model's
+auxiliary terms), evaluates on validation after every epoch, keeps the best checkpoint by
+validation NDCG@10, and evaluates test once from it. Everything a run needs to resume exactly
+(model, optimiser, every RNG state, epoch, step count, history) is in ``<out>/last.pt``.
+
+**Crash safety.** Every file in a run folder (``last.pt``, ``best.pt``, ``history.csv``,
+``config.json``, ``metrics.json``) is written to a temporary file in the same folder, fsynced and
+renamed over the old one (``os.replace`` is atomic), so a crash or ``kill -9`` at any moment leaves
+the previous good version in place. A checkpoint starts with a magic tag and the SHA-256 of its
+payload: a truncated or corrupted file raises :class:`CheckpointError` and is never silently
+loaded, nor is a checkpoint saved for another config or dataset. Stray temporary files from a
+killed run are removed when the run restarts. ``--resume`` after a crash gives a ``metrics.json``
+byte-identical to an uninterrupted run with the same seed on the same device (``metrics.json``
+holds no timings; ``history.csv`` does, in its ``seconds`` column).
+
+**Determinism.** The same config and seed on the same device give the same ``metrics.json``;
+evaluation is deterministic, so evaluating one checkpoint twice gives the same numbers. On CUDA
+the trainer turns on ``torch.use_deterministic_algorithms`` (warn-only) for that.
+
+**Distributed data parallel.** Under ``torchrun`` (``WORLD_SIZE`` in the environment) every
+process joins a process group (gloo on CPU, nccl on CUDA, one GPU per local rank) and trains a
+``DistributedDataParallel`` copy of the model. Each epoch's shuffled order is drawn from the same
+seeded generator on every rank; each global batch of ``batch_size`` rows is split into ``world``
+contiguous shards (``batch_size // world`` rows per rank), and each rank's loss is weighted by its
+share of the global batch's targets, so the averaged gradient is the single-process gradient of
+the CE term (auxiliary terms are weighted the same way). Evaluation batches are dealt round-robin
+to the ranks and the ranks are all-reduced, so metrics equal a single-process evaluation exactly.
+Rank 0 alone writes checkpoints, history and metrics; the others wait at a barrier. Dropout and
+other training noise differ per rank (seeded from ``(seed, rank)``), so with dropout > 0 a
+multi-process run is statistically, not bitwise, equivalent to a single-process one.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import inspect
+import io
+import json
+import os
+import random
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .config import Config, ConfigError, repo_root
+from .data.schema import Dataset, DataError
+from .data.sequences import SequenceData
+from .metrics import metrics_from_ranks, ranks
+from .models.base import DataInfo, Recommender
+from .models.registry import build_model
+
+SELECT_METRIC = "NDCG@10"
+NEGATIVES_SEED = 20250805  # one fixed draw of sampled negatives, shared by every model and seed
+_MAGIC = b"M3BSRCK1"
+_TMP = re.compile(r"\..+\.tmp\d+")  # atomic_write_bytes' temporary names: .<name>.tmp<pid>
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated, corrupted or from another config/dataset."""
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _seed_noise(seeds: np.ndarray) -> None:
+    """Seed the global RNGs (dropout, diffusion noise) from two 32-bit words; the data order has its own."""
+    random.seed(int(seeds[0]))
+    np.random.seed(int(seeds[1]))
+    torch.manual_seed(int(seeds[0]) << 32 | int(seeds[1]))
+
+
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``auto`` -> cuda when available; under torchrun, ``auto``/``cuda`` -> ``cuda:<local_rank>``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ConfigError(f"unknown device {name!r}; expected auto, cpu or cuda[:N]")
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------- torch.distributed
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job; ``Dist()`` = a plain single process."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    @contextlib.contextmanager
+    def local_main_first(self) -> Iterator[None]:
+        """Local rank 0 runs the body first (filling disk caches), then the other local ranks."""
+        if self.enabled and self.local_rank != 0:
+            self.barrier()
+        try:
+            yield
+        finally:
+            if self.enabled and self.local_rank == 0:
+                self.barrier()  # also on error, so the others fail the same way instead of hanging
+
+
+def torchrun_env() -> bool:
+    """Whether this process was started by torchrun with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group described by torchrun's environment (gloo on CPU, nccl on CUDA)."""
+    if not torchrun_env():
+        return Dist()
+    import torch.distributed as dist  # noqa: PLC0415
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def close_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+class _Loss(nn.Module):
+    """``forward(batch) = model.loss(batch)``, so DistributedDataParallel can wrap the loss."""
+
+    def __init__(self, model: Recommender):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.model.loss(batch)
+
+
+# ---------------------------------------------------------------- atomic files and checkpoints
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any point leaves either the old or the new ``path``, never a mix; a killed process
+    may leave its ``.<name>.tmp<pid>`` behind (:func:`remove_stale_temporaries` clears those).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete ``.<name>.tmp<pid>`` files a killed run left in ``folder``; returns them."""
+    stale = [p for p in Path(folder).iterdir() if p.is_file() and _TMP.fullmatch(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Checkpoint file = magic + sha256(payload) + payload, written atomically."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    atomic_write_bytes(path, _MAGIC + hashlib.sha256(payload).digest() + payload)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict[str, Any]:
+    """Load and verify a checkpoint; a truncated or corrupted file raises CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no checkpoint there")
+    raw = path.read_bytes()
+    if len(raw) < len(_MAGIC) + 32 or not raw.startswith(_MAGIC):
+        raise CheckpointError(f"{path}: not an m3bsr checkpoint (bad header or truncated)")
+    digest, payload = raw[len(_MAGIC):len(_MAGIC) + 32], raw[len(_MAGIC) + 32:]
+    if hashlib.sha256(payload).digest() != digest:
+        raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupted); refusing to load it")
+    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "data": gen.get_state()}
+
+
+def _set_rng_state(s: dict[str, Any], gen: torch.Generator) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    gen.set_state(s["data"])
+
+
+# ---------------------------------------------------------------- data -> model inputs
+
+def load_data(cfg: Config) -> Dataset:
+    from .data.sources import load_dataset  # noqa: PLC0415 (heavy encoders load lazily inside)
+    return load_dataset(cfg.data)
+
+
+def data_info(ds: Dataset, seq: SequenceData) -> DataInfo:
+    counts = torch.bincount(seq.train["targets"].flatten(), minlength=ds.n_items + 1).float()
+    counts[0] = 0
+    return DataInfo(n_items=ds.n_items, levels=list(ds.levels),
+                    features={m: torch.from_numpy(x) for m, x in ds.features.items()},
+                    feature_mask={m: torch.from_numpy(x) for m, x in ds.feature_mask.items()},
+                    item_counts=counts)
+
+
+def sampled_negatives(seq: SequenceData, split: str, n: int, cache_dir: Path) -> torch.Tensor:
+    """``(rows, n)`` items the row's user never interacted with, drawn once and saved to disk."""
+    rows = seq.split(split)["users"].numpy()
+    path = Path(cache_dir) / f"negatives-{seq.ds.fingerprint()}-{split}-n{n}-seed{NEGATIVES_SEED}.npy"
+    if path.exists():
+        try:
+            neg = np.load(path)
+            if neg.shape == (len(rows), n):
+                return torch.from_numpy(neg)
+        except (OSError, ValueError):
+            pass  # unreadable: draw again below and overwrite
+    rng = np.random.default_rng(NEGATIVES_SEED)
+    neg = np.zeros((len(rows), n), np.int64)
+    for r, u in enumerate(rows):
+        seen = seq.seen[int(u)]
+        pool = np.setdiff1d(np.arange(1, seq.n_items + 1), seen, assume_unique=True)
+        neg[r] = rng.choice(pool, size=n, replace=len(pool) < n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.save(buf, neg)
+    atomic_write_bytes(path, buf.getvalue())
+    return torch.from_numpy(neg)
+
+
+@torch.no_grad()
+def evaluate(model: Recommender, split: dict[str, torch.Tensor], device: torch.device, *,
+             batch_size: int = 512, negatives: torch.Tensor | None = None, mask_seen: bool = False,
+             bf16: bool = False, dist: Dist | None = None) -> dict[str, float]:
+    """Full-ranking metrics (and sampled 1+N metrics when ``negatives`` is given) on one split.
+
+    Rows are scored in batches of ``batch_size``. With ``dist`` (torchrun), batch ``c`` is scored
+    by rank ``c % world`` and the per-row ranks are all-reduced: every rank gets the metrics of a
+    single-process evaluation, bit for bit (the same batches, so the same scores).
+    """
+    model.eval()
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    n = len(split["users"])
+    full = torch.zeros(n, dtype=torch.long, device=device)  # 1-based rank per row; 0 = scored elsewhere
+    sampled = torch.zeros(n, dtype=torch.long, device=device) if negatives is not None else None
+    for c, start in enumerate(range(0, n, batch_size)):
+        if c % world != rank:
+            continue
+        stop = min(start + batch_size, n)
+        b = {k: v[start:stop].to(device) for k, v in split.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            s = model.score(b).float()  # (B, N+1)
+        target = b["targets"][:, 0]
+        if mask_seen:  # history items (all strictly before the target) are removed, never the target
+            keep = s.gather(1, target[:, None])
+            s.scatter_(1, b["items"].flatten(1), float("-inf"))
+            s.scatter_(1, target[:, None], keep)
+        full[start:stop] = ranks(s[:, 1:], target - 1)
+        if sampled is not None:
+            cand = torch.cat([target[:, None], negatives[start:stop].to(device)], 1)
+            sampled[start:stop] = ranks(s.gather(1, cand), torch.zeros_like(target))
+    if world > 1:
+        torch.distributed.all_reduce(full)
+        if sampled is not None:
+            torch.distributed.all_reduce(sampled)
+    out = metrics_from_ranks(full.cpu())
+    if sampled is not None:
+        out.update({f"sampled_{k}": v for k, v in metrics_from_ranks(sampled.cpu()).items()})
+    return out
+
+
+def shard_batches(split: dict[str, torch.Tensor], batch_size: int, generator: torch.Generator,
+                  rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, float]]:
+    """This rank's rows of each shuffled global batch, and the weight of its loss.
+
+    The order is ``randperm(n, generator)`` (the same on every rank); global batch ``j`` is
+    ``order[j*batch_size:(j+1)*batch_size]``, split into ``world`` contiguous shards. weight =
+    ``world * (targets in the shard) / (targets in the global batch)``: DDP averages gradients over
+    ranks, so the weighted mean-CE gradients add up to the global batch's mean-CE gradient. A
+    rank whose shard is empty (last global batch smaller than ``world``) gets the batch's first
+    row with weight 0, so it still takes part in the gradient all-reduce. ``world=1``: weight 1.
+    """
+    n = len(split["users"])
+    order = torch.randperm(n, generator=generator)
+    valid = (split["targets"] > 0).sum(1) if world > 1 else None
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        if world == 1:
+            yield idx, 1.0
+            continue
+        mine = torch.tensor_split(idx, world)[rank]
+        if len(mine) == 0:
+            yield idx[:1], 0.0
+            continue
+        yield mine, world * valid[mine].sum().item() / valid[idx].sum().item()
+
+
+# ---------------------------------------------------------------- the trainer
+
+class Trainer:
+    """Train one model on one dataset. ``out`` holds config.json, history.csv, checkpoints, metrics.json."""
+
+    def __init__(self, cfg: Config, out: str | Path | None = None, dataset: Dataset | None = None):
+        self.cfg = cfg
+        self.out = Path(out) if out is not None else None
+        self.device = resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")) if torchrun_env() else None)
+        if self.device.type == "cuda":  # same seed, same GPU -> same numbers
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.dist = init_distributed(self.device)
+        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else repo_root() / "data" / "cache"
+        n = cfg.train.sampled_negatives
+        with self.dist.local_main_first():  # one process per machine fills the feature/negatives caches
+            self.ds = dataset if dataset is not None else load_data(cfg)
+            self.seq = SequenceData(self.ds, cfg.data.max_len, cfg.data.min_deep)
+            if self.seq.n_eval_users == 0:
+                raise DataError(f"no user has {cfg.data.min_deep} or more deep events: nothing to evaluate",
+                                file=self.ds.name)
+            self.negatives = {s: sampled_negatives(self.seq, s, n, cache) for s in ("valid", "test")} if n else {}
+        set_seed(cfg.train.seed)
+        self.info = data_info(self.ds, self.seq)
+        self.model = build_model(cfg.model, self.info).to(self.device)
+        self.gen = torch.Generator().manual_seed(cfg.train.seed)  # the data order: the same on every rank
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay) if params else None
+        self.ddp: nn.Module | None = None
+        if self.dist.enabled:
+            # per-rank training noise (dropout, diffusion steps); the model weights come from rank 0
+            _seed_noise(np.random.SeedSequence([cfg.train.seed, self.dist.rank]).generate_state(2))
+            if params:
+                from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+                # buffers are constants (features, schedules): synced once at wrapping, not every step
+                newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                self.ddp = DistributedDataParallel(
+                    _Loss(self.model), device_ids=[self.device] if self.device.type == "cuda" else None,
+                    find_unused_parameters=True,  # ablations may leave parameters out of the loss
+                    **{"forward_sync_buffers" if newer else "broadcast_buffers": False})
+        loss = self.ddp if self.ddp is not None else self.model.loss
+        self.loss_fn = torch.compile(loss) if cfg.model.compile else loss
+        self.epoch, self.steps, self.best, self.best_epoch, self.bad, self.history = 0, 0, -1.0, -1, 0, []
+
+    # -- checkpoints
+    def _state(self) -> dict[str, Any]:
+        """The checkpoint dict (a collective under torchrun: every rank must call it)."""
+        rng = _rng_state(self.gen)
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict() if self.opt else None,
+                 "rng": rng, "epoch": self.epoch, "steps": self.steps, "best": self.best,
+                 "best_epoch": self.best_epoch, "bad": self.bad, "history": self.history,
+                 "config": self.cfg.to_dict(), "config_hash": self.cfg.hash(), "data_hash": self.ds.fingerprint()}
+        if self.dist.enabled:
+            every = [None] * self.dist.world
+            torch.distributed.all_gather_object(every, rng)
+            state["rng_ranks"] = every
+        return state
+
+    def _check(self, state: dict[str, Any], path: Path) -> None:
+        if state.get("data_hash") != self.ds.fingerprint():
+            raise CheckpointError(f"{path}: saved for another dataset (data hash {state.get('data_hash')})")
+        if state.get("config_hash") != self.cfg.hash():
+            raise CheckpointError(f"{path}: saved with another config (hash {state.get('config_hash')}, "
+                                  f"this run {self.cfg.hash()})")
+
+    def _read(self, path: Path, missing_ok: bool = False) -> dict[str, Any] | None:
+        """Rank 0 reads and verifies ``path``; every rank gets its state or the same CheckpointError."""
+        state, err = None, None
+        if self.dist.main:
+            try:
+                if not (missing_ok and not path.exists()):
+                    state = load_checkpoint(path, "cpu")
+                    self._check(state, path)
+            except CheckpointError as e:
+                state, err = None, str(e)
+        if self.dist.enabled:
+            box = [state, err]
+            torch.distributed.broadcast_object_list(box, src=0)
+            state, err = box
+        if err is not None:
+            raise CheckpointError(err)
+        return state
+
+    def resume(self) -> bool:
+        """Restore ``<out>/last.pt`` if present; returns whether a checkpoint was restored.
+
+        A truncated or corrupted ``last.pt`` raises CheckpointError (it is never skipped silently:
+        delete it to start over, or keep ``best.pt`` for evaluation).
+        """
+        path = self.out / "last.pt"
+        state = self._read(path, missing_ok=True)
+        if state is None:
+            return False
+        self.model.load_state_dict(state["model"])
+        if self.opt:
+            self.opt.load_state_dict(state["opt"])
+        every = state.get("rng_ranks") or [state["rng"]]
+        same_world = len(every) == self.dist.world
+        _set_rng_state(every[self.dist.rank] if same_world else state["rng"], self.gen)  # data order: rank 0's
+        if not same_world:
+            warnings.warn(f"{path}: saved by {len(every)} process(es), resumed by {self.dist.world}; the data "
+                          "order continues exactly, per-rank training noise is reseeded", stacklevel=2)
+            if self.dist.rank > 0:
+                seeds = np.random.SeedSequence([self.cfg.train.seed, self.dist.rank, state["epoch"]]).generate_state(2)
+                _seed_noise(seeds)
+        for k in ("epoch", "best", "best_epoch", "bad", "history"):
+            setattr(self, k, state[k])
+        self.steps = state.get("steps", 0)
+        return True
+
+    def load_best(self) -> None:
+        self.model.load_state_dict(self._read(self.out / "best.pt")["model"])
+
+    # -- loop
+    def evaluate(self, split: str) -> dict[str, float]:
+        t = self.cfg.train
+        return evaluate(self.model, self.seq.split(split), self.device, batch_size=t.eval_batch_size,
+                        negatives=self.negatives.get(split), mask_seen=t.mask_seen, bf16=t.bf16, dist=self.dist)
+
+    def train_epoch(self) -> dict[str, float]:
+        """One pass over the training rows; returns each loss term's mean over the epoch's steps
+        (under torchrun: of the global batches, the same on every rank)."""
+        t, dev, world = self.cfg.train, self.device, self.dist.world
+        self.model.train()
+        sums: dict[str, torch.Tensor] = {}
+        n = 0
+        rows = self.seq.train
+        bar = _progress(total=(len(rows["users"]) + t.batch_size - 1) // t.batch_size,
+                        desc=f"epoch {self.epoch + 1}", enabled=t.progress and self.dist.main)
+        for idx, weight in shard_batches(rows, t.batch_size, self.gen, self.dist.rank, world):
+            b = {k: v[idx].to(dev, non_blocking=True) for k, v in rows.items()}
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.bf16):
+                terms = self.loss_fn(b)
+            loss = terms["loss"] if world == 1 else terms["loss"] * weight
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            for k, v in terms.items():  # sum over ranks of weight/world * term = the global batch's term
+                v = v.detach().float()
+                sums[k] = sums.get(k, 0) + (v if world == 1 else v * (weight / world))
+            n += 1
+            self.steps += 1
+            bar.update(1)
+            if t.max_steps is not None and self.steps >= t.max_steps:
+                break
+        bar.close()
+        if world > 1 and sums:
+            keys = list(sums)  # the same insertion order on every rank
+            total = torch.stack([sums[k] for k in keys])
+            torch.distributed.all_reduce(total)
+            sums = dict(zip(keys, total))
+        return {k: (v / max(n, 1)).item() for k, v in sums.items()}  # one sync per epoch
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        t = self.cfg.train
+        main = self.dist.main
+        if self.out is not None:
+            if main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                remove_stale_temporaries(self.out)
+            if resume and self.resume() and main:
+                self._write_history()  # a crash may have come between last.pt and history.csv
+            if main:
+                atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=2))
+        self.best_model = None
+        if self.model.trainable:
+            while (self.epoch < t.epochs and self.bad < t.patience
+                   and (t.max_steps is None or self.steps < t.max_steps)):
+                t0 = time.perf_counter()
+                losses = self.train_epoch()
+                seconds = time.perf_counter() - t0
+                self.epoch += 1
+                valid = self.evaluate("valid")  # the same numbers on every rank: the same decisions
+                self.history.append({"epoch": self.epoch, **losses, **{f"valid_{k}": v for k, v in valid.items()},
+                                     "seconds": round(seconds, 3)})
+                better = valid[SELECT_METRIC] > self.best
+                if better:
+                    self.best, self.best_epoch, self.bad = valid[SELECT_METRIC], self.epoch, 0
+                    self.best_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                else:
+                    self.bad += 1
+                if self.out is not None:
+                    state = self._state()
+                    if main:
+                        if better:
+                            save_checkpoint(self.out / "best.pt", state)
+                        save_checkpoint(self.out / "last.pt", state)  # after best.pt: a resume redoes this epoch
+                        self._write_history()
+                    self.dist.barrier()
+                if t.max_steps is not None and self.steps >= t.max_steps:
+                    break
+            if self.best_model is not None:
+                self.model.load_state_dict(self.best_model)
+            elif self.out is not None and self.best_epoch > 0:  # resumed after the best epoch
+                self.load_best()
+        elif self.out is not None:
+            state = self._state()
+            if main:
+                save_checkpoint(self.out / "best.pt", state)
+            self.dist.barrier()
+        result = {"valid": self.evaluate("valid"), "test": self.evaluate("test"),
+                  "best_epoch": self.best_epoch, "model": self.cfg.model.model, "dataset": self.ds.name,
+                  "n_eval_users": self.seq.n_eval_users}
+        if self.out is not None:
+            if main:
+                atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2))
+            self.dist.barrier()
+        return result
+
+    def _write_history(self) -> None:
+        keys = list(dict.fromkeys(k for row in self.history for k in row))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(self.history)
+        atomic_write_text(self.out / "history.csv", buf.getvalue())
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm  # noqa: PLC0415
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled or not sys.stderr.isatty())
+
+
+def evaluate_run(run: str | Path, device: str = "auto") -> dict[str, Any]:
+    """Recompute valid/test metrics from ``<run>/best.pt`` with the run's own config."""
+    run = Path(run)
+    cfg_path = run / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{run}: no config.json (is this a run folder?)")
+    cfg = Config.from_dict(json.loads(cfg_path.read_text()))
+    cfg.train.device = device
+    trainer = Trainer(cfg)
+    trainer.out = run
+    trainer.load_best()
+    return {"valid": trainer.evaluate("valid"), "test": trainer.evaluate("test")}
+
+
+def run_dir(cfg: Config, runs: str | Path) -> Path:
+    """``<runs>/<dataset>-<model>-s<seed>-<config hash>``: one folder per distinct config."""
+    name = cfg.data.dataset if cfg.data.dataset != "csv" else Path(cfg.data.data_file or "csv").stem
+    return Path(runs) / f"{name}-{cfg.model.model}-s{cfg.train.seed}-{cfg.hash()}"
+
+
+def train_cached(cfg: Config, runs: str | Path, dataset: Dataset | None = None) -> dict[str, Any]:
+    """Train unless ``run_dir(cfg, runs)/metrics.json`` exists; resumes an interrupted run."""
+    out = run_dir(cfg, runs)
+    done = out / "metrics.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    return Trainer(cfg, out, dataset=dataset).fit(resume=True)

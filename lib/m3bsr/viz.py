@@ -1,0 +1,621 @@
+"""What the notebooks share: parameter checks, output folders, figure/table files, plots.
+
+Only the notebooks import this module. Every figure goes through :func:`save_figure` (PNG and
+PDF with fixed metadata, so re-running a notebook rewrites byte-identical files) and every
+table through :func:`save_table` (CSV and markdown). matplotlib is imported inside the
+functions that draw.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .config import CHOICES, PROFILES, repo_root
+from .data.schema import Dataset
+
+DATASETS = tuple(d for d in CHOICES["dataset"] if d != "csv")  # the named sources a notebook can load
+DPI = 110
+PNG_METADATA = {"Software": None}
+PDF_METADATA = {"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None}
+
+
+# ----------------------------------------------------------------------------- parameters and folders
+
+def check_choice(what: str, value: Any, allowed: Iterable[Any]) -> None:
+    """Raise ValueError naming ``value`` and the allowed values unless ``value in allowed``."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+def check_parameters(profile: str, datasets: Sequence[str], seeds: Sequence[int], device: str,
+                     data_root: str | None = None, models: Sequence[str] | None = None) -> None:
+    """The checks every notebook's first cell after ``parameters`` runs; ValueError on a bad value."""
+    check_choice("profile", profile, PROFILES)
+    if isinstance(datasets, str) or not len(datasets):
+        raise ValueError(f"datasets must be a non-empty list of names, got {datasets!r}; allowed: {', '.join(DATASETS)}")
+    for d in datasets:
+        check_choice("dataset", d, DATASETS)
+    if isinstance(seeds, (str, int)) or not len(seeds) or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of integers, got {seeds!r}")
+    if models is not None:
+        from .models.registry import MODELS  # noqa: PLC0415 (imports torch)
+        if isinstance(models, str) or not len(models):
+            raise ValueError(f"models must be a non-empty list of names, got {models!r}; allowed: {', '.join(MODELS)}")
+        for m in models:
+            check_choice("model", m, MODELS)
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ValueError(f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda"):
+        import torch  # noqa: PLC0415
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available; allowed here: auto, cpu")
+    if data_root is not None and not resolve_path(data_root).is_dir():
+        raise ValueError(f"data_root {data_root!r} is not a folder")
+
+
+def resolve_path(path: str | Path) -> Path:
+    """``path`` itself when absolute, else relative to the repository (not to the working folder)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else repo_root() / p
+
+
+def shown(path: str | Path) -> str:
+    """``path`` relative to the repository when inside it (for printing without machine paths)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(repo_root().resolve()))
+    except ValueError:
+        return f"<outside the repository>/{p.name}"
+
+
+def output_dir(path: str | Path | None, default: str) -> Path:
+    """The folder ``path`` (or ``<repo>/<default>``), resolved against the repository and created."""
+    p = resolve_path(path if path is not None else default)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def save_figure(fig, name: str, folder: str | Path) -> list[Path]:
+    """Write ``<folder>/<name>.png`` and ``.pdf`` with fixed metadata (byte-identical on re-runs)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    png, pdf = folder / f"{name}.png", folder / f"{name}.pdf"
+    fig.savefig(png, dpi=DPI, bbox_inches="tight", metadata=PNG_METADATA)
+    fig.savefig(pdf, bbox_inches="tight", metadata=PDF_METADATA)
+    return [png, pdf]
+
+
+def to_markdown(df: pd.DataFrame, index: bool = True, floatfmt: str = "{:.4g}") -> str:
+    """A GitHub-flavoured markdown table (no extra dependency)."""
+    frame = df.reset_index() if index and (df.index.name or any(df.index.names)) else df
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return floatfmt.format(v)
+        return str(v).replace("|", "\\|")
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def save_table(df: pd.DataFrame, name: str, folder: str | Path, markdown: str | None = None) -> list[Path]:
+    """Write ``<folder>/<name>.csv`` and ``<name>.md`` (``markdown`` if given, else :func:`to_markdown`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    csv, md = folder / f"{name}.csv", folder / f"{name}.md"
+    df.to_csv(csv, index=bool(df.index.name or any(df.index.names)))
+    md.write_text(markdown if markdown is not None else to_markdown(df))
+    return [csv, md]
+
+
+def _plt():
+    import matplotlib  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    matplotlib.rcParams.update({"figure.dpi": DPI, "axes.spines.top": False, "axes.spines.right": False,
+                                "axes.grid": True, "grid.alpha": 0.3, "font.size": 9})
+    return plt
+
+
+# ----------------------------------------------------------------------------- 01: statistics and alignment
+
+def dataset_stats(ds: Dataset) -> dict[str, Any]:
+    """:meth:`Dataset.stats` with level-neutral names and the distribution of events per user."""
+    s = ds.stats()
+    df = ds.interactions
+    per_user = df.groupby("user").size()
+    deep_per_user = df[df["level"] == ds.n_levels - 1].groupby("user").size().reindex(range(ds.n_users), fill_value=0)
+    return {"dataset": s["dataset"], "users": s["users"], "items": s["items"], "events": s["events"],
+            "levels": " < ".join(ds.levels),
+            "shallow events": int((df["level"] == 0).sum()), "deep events": int((df["level"] == ds.n_levels - 1).sum()),
+            "len p10": float(per_user.quantile(0.1)), "len median": s["seq_len_median"],
+            "len mean": s["seq_len_mean"], "len p90": float(per_user.quantile(0.9)), "len max": s["seq_len_max"],
+            "deep/user median": float(deep_per_user.median()),
+            "users with >= 3 deep": int((deep_per_user >= 3).sum()), "density": s["density"]}
+
+
+def stats_table(datasets: Iterable[Dataset]) -> pd.DataFrame:
+    """One row per dataset (see :func:`dataset_stats`), indexed by name."""
+    return pd.DataFrame([dataset_stats(ds) for ds in datasets]).set_index("dataset")
+
+
+def behaviour_counts(ds: Dataset) -> pd.Series:
+    """Events per level name."""
+    counts = ds.interactions["level"].value_counts().reindex(range(ds.n_levels), fill_value=0)
+    return pd.Series(counts.to_numpy(), index=ds.levels, name=ds.name)
+
+
+def events_per_behaviour(ds: Dataset) -> str:
+    """"click 4474, collect 5, ..." (load with one level per raw behaviour to see every behaviour)."""
+    return ", ".join(f"{b} {n}" for b, n in behaviour_counts(ds).items())
+
+
+def favored_later(ds: Dataset) -> pd.Series:
+    """For every shallow (level 0) event: is the same item a deep event of the same user at the
+    same or a later time? Indexed like ``ds.interactions`` rows."""
+    df = ds.interactions
+    deep = df[df["level"] == ds.n_levels - 1].groupby(["user", "item"])["timestamp"].max().rename("last_deep")
+    shallow = df[df["level"] == 0]
+    joined = shallow.join(deep, on=["user", "item"])
+    return (joined["last_deep"] >= joined["timestamp"]).rename("favored_later")
+
+
+def user_overlap(ds: Dataset) -> pd.DataFrame:
+    """Per user: distinct shallow items, distinct deep items, their overlap and Jaccard index."""
+    df = ds.interactions
+    shallow = df[df["level"] == 0][["user", "item"]].drop_duplicates()
+    deep = df[df["level"] == ds.n_levels - 1][["user", "item"]].drop_duplicates()
+    both = shallow.merge(deep, on=["user", "item"]).groupby("user").size()
+    out = pd.DataFrame({"shallow_items": shallow.groupby("user").size(), "deep_items": deep.groupby("user").size(),
+                        "overlap": both}).fillna(0).astype(int)
+    out["jaccard"] = out["overlap"] / (out["shallow_items"] + out["deep_items"] - out["overlap"])
+    return out
+
+
+def alignment_summary(ds: Dataset) -> dict[str, Any]:
+    """How well the shallow behaviour predicts the deep one, for one dataset."""
+    fl = favored_later(ds)
+    ov = user_overlap(ds)
+    both = ov[(ov["shallow_items"] > 0) & (ov["deep_items"] > 0)]
+    return {"dataset": ds.name, "shallow events": len(fl), "P(deep later | shallow)": round(float(fl.mean()), 4),
+            "users with both": len(both), "jaccard mean": round(float(both["jaccard"].mean()), 4) if len(both) else np.nan,
+            "deep items clicked first": round(float((both["overlap"] / both["deep_items"]).mean()), 4) if len(both) else np.nan}
+
+
+def plot_sequence_lengths(datasets: Iterable[Dataset]):
+    """ECDF of events per user (all levels), one line per dataset, log x axis."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for ds in datasets:
+        n = np.sort(ds.interactions.groupby("user").size().to_numpy())
+        ax.step(n, np.arange(1, len(n) + 1) / len(n), where="post", label=ds.name)
+    ax.set(xscale="log", xlabel="events per user (all behaviours)", ylabel="fraction of users",
+           title="Sequence-length distribution")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_alignment(summaries: pd.DataFrame, overlaps: dict[str, pd.DataFrame]):
+    """Left: P(deep later | shallow) per dataset. Right: per-user Jaccard(shallow items, deep items)."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    p = summaries["P(deep later | shallow)"]
+    a.barh(list(p.index), p.to_numpy(), color="tab:blue")
+    for y, v in enumerate(p.to_numpy()):
+        a.text(v, y, f" {v:.2f}", va="center", fontsize=8)
+    a.set(xlim=(0, 1), xlabel="P(item later deep | shallow event)", title="Shallow events later turned deep")
+    a.invert_yaxis()
+    bins = np.linspace(0, 1, 21)
+    for name, ov in overlaps.items():
+        j = ov.loc[(ov["shallow_items"] > 0) & (ov["deep_items"] > 0), "jaccard"]
+        if len(j):
+            b.hist(j, bins=bins, histtype="step", density=True, linewidth=1.5, label=f"{name} ({len(j)} users)")
+    b.set(xlabel="Jaccard(shallow items, deep items) per user", ylabel="density", title="Per-user overlap")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- 01: features
+
+@contextlib.contextmanager
+def quiet():
+    """Silence stdout/stderr (encoder loading messages and weight-loading bars) inside the block."""
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        yield
+
+
+def movie_table(folder: str | Path) -> pd.DataFrame:
+    """ML-100K-MM ``items.csv`` as one row per movie_id: title, genres, the encoder text
+    ("title. genres. overview", as :func:`m3bsr.data.sources.load_ml_100k` builds it) and poster path."""
+    from .data.sources import ML100K_GENRES  # noqa: PLC0415
+    folder = Path(folder)
+    meta = pd.read_csv(folder / "items.csv", keep_default_na=False).drop_duplicates("movie_id")
+    names = [g.replace("genre_", "") for g in ML100K_GENRES]
+    genres = [[n for g, n in zip(ML100K_GENRES, names) if row[g] == 1] for _, row in meta.iterrows()]
+    out = pd.DataFrame({"movie_id": meta["movie_id"].to_numpy(), "title": meta["title"].str.strip().to_numpy(),
+                        "genres": [", ".join(g) for g in genres]})
+    out["text"] = [f"{t}. {g}. {o.strip()}" for t, g, o in zip(out["title"], out["genres"], meta["overview"])]
+    out["poster"] = [folder / "posters" / f"{i}.jpg" for i in out["movie_id"]]
+    return out.set_index("movie_id")
+
+
+def nearest_neighbours(x: np.ndarray, mask: np.ndarray, queries: Sequence[int], k: int = 5,
+                       chunk: int = 1024) -> np.ndarray:
+    """Cosine top-``k`` neighbours of each query row among rows with ``mask`` (never the query itself).
+
+    x ``(N, D)``, mask ``(N,)`` bool -> ``(len(queries), k)`` row indices, most similar first
+    (ties: lower index first).
+    """
+    z = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    queries = np.asarray(queries)
+    out = np.zeros((len(queries), k), np.int64)
+    for s in range(0, len(queries), chunk):
+        q = queries[s:s + chunk]
+        sim = z[q] @ z.T  # (q, N)
+        sim[:, ~mask] = -np.inf
+        sim[np.arange(len(q)), q] = -np.inf
+        top = np.argpartition(-sim, k, axis=1)[:, :k]
+        order = np.lexsort((top, -np.take_along_axis(sim, top, 1)), axis=1)
+        out[s:s + chunk] = np.take_along_axis(top, order, 1)
+    return out
+
+
+def label_agreement(x: np.ndarray, mask: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
+    """Mean fraction of each item's ``k`` cosine neighbours that share its label (items with ``mask``)."""
+    rows = np.flatnonzero(mask)
+    nn = nearest_neighbours(x, mask, rows, k)
+    return float((labels[nn] == labels[rows][:, None]).mean())
+
+
+def movie_features(movies: pd.DataFrame, ds: Dataset | None = None, n_items: int = 16,
+                   first: Sequence[int] = ()) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Raw movie ids ``(n,)`` and image/text features ``(n, D_m)`` with masks ``(n,)`` for the ML-100K-MM look.
+
+    ``ds`` given (loaded with features=True, so through the cache): every item. Otherwise encode only
+    ``n_items`` movies with a poster: the ids in ``first``, then the lowest other ids.
+    """
+    from .data import features as F  # noqa: PLC0415 (loads torch and the encoders)
+    if ds is not None:
+        ids = np.asarray(ds.item_ids[1:], dtype=np.int64)
+        return (ids, {m: ds.features[m][1:] for m in ("image", "text")},
+                {m: ds.feature_mask[m][1:] for m in ("image", "text")})
+    with_poster = [i for i in movies.index if movies.at[i, "poster"].is_file()]
+    ids = np.array(list(first) + [i for i in with_poster if i not in set(first)][:max(n_items - len(first), 0)])
+    with quiet():
+        x = {"image": F.encode_images(list(movies.loc[ids, "poster"])),
+             "text": F.encode_texts(list(movies.loc[ids, "text"]))}
+    return ids, x, {m: np.ones(len(ids), bool) for m in x}
+
+
+def feature_table(datasets: Iterable[Dataset], k: int = 10) -> pd.DataFrame:
+    """Per dataset and modality: dimension, coverage, and how often an item's ``k`` cosine neighbours
+    share its label (genre / category / planted cluster) next to the chance rate sum_l p_l^2."""
+    rows = []
+    for ds in datasets:
+        labels = np.asarray(ds.item_labels, dtype=object).astype(str)
+        for m in sorted(ds.features):
+            x, mask = ds.features[m], ds.feature_mask[m]
+            p = pd.Series(labels[mask]).value_counts(normalize=True).to_numpy()
+            rows.append({"dataset": ds.name, "modality": m, "dim": x.shape[1], "items with it": int(mask.sum()),
+                         "coverage": round(float(mask[1:].mean()), 4),
+                         f"same label in {k}-NN": round(label_agreement(x, mask, labels, k), 4),
+                         "chance": round(float((p ** 2).sum()), 4)})
+    return pd.DataFrame(rows).set_index(["dataset", "modality"])
+
+
+def poster_grid(paths: Sequence[Sequence[Path | None]], titles: Sequence[Sequence[str]], row_labels: Sequence[str] = ()):
+    """A grid of images (``paths[r][c]``; None = blank) with a short title under each."""
+    from PIL import Image  # noqa: PLC0415
+    plt = _plt()
+    R, C = len(paths), max(len(r) for r in paths)
+    fig, axes = plt.subplots(R, C, figsize=(1.35 * C, 2.25 * R), squeeze=False)
+    for r in range(R):
+        for c in range(C):
+            ax = axes[r, c]
+            ax.set_axis_off()
+            p = paths[r][c] if c < len(paths[r]) else None
+            if p is not None and Path(p).is_file():
+                with Image.open(p) as im:
+                    ax.imshow(np.asarray(im.convert("RGB")))
+            if c < len(titles[r]):
+                ax.set_title(titles[r][c], fontsize=6, y=-0.2, wrap=True)
+        if r < len(row_labels):
+            axes[r, 0].text(-0.15, 0.5, row_labels[r], transform=axes[r, 0].transAxes, rotation=90,
+                            va="center", ha="right", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- 03: learning curves
+
+def load_histories(dataset: str, models: Sequence[str], seeds: Sequence[int], profile: str, runs: str | Path,
+                   overrides: dict[str, Any] | None = None) -> dict[str, pd.DataFrame]:
+    """``history.csv`` of every finished trainable run of the grid for one dataset: label -> DataFrame.
+
+    Labels are the model name (plus ``s<seed>`` when there are several seeds).
+    """
+    from .config import make_config  # noqa: PLC0415
+    from .train import run_dir  # noqa: PLC0415 (imports torch)
+    out = {}
+    for model in models:
+        for seed in seeds:
+            cfg = make_config(profile, {**(overrides or {}), "dataset": dataset, "model": model, "seed": seed})
+            path = run_dir(cfg, runs) / "history.csv"
+            if path.exists():
+                out[model if len(seeds) == 1 else f"{model} s{seed}"] = pd.read_csv(path)
+    return out
+
+
+def loss_terms(histories: dict[str, pd.DataFrame]) -> list[str]:
+    """Training-loss columns found in any history: "loss" and "ce" first, then the auxiliary terms."""
+    cols = dict.fromkeys(c for h in histories.values() for c in h.columns
+                         if c not in ("epoch", "seconds") and not c.startswith("valid_"))
+    return [c for c in ("loss", "ce") if c in cols] + [c for c in cols if c not in ("loss", "ce")]
+
+
+def plot_learning_curves(histories: dict[str, pd.DataFrame], title: str = "", ncols: int = 3):
+    """One panel per training-loss term (each separately), then validation NDCG@10; one line per run.
+
+    ``histories``: run label -> its ``history.csv`` as a DataFrame (one row per epoch).
+    """
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+    plt = _plt()
+    panels = loss_terms(histories) + ["valid_NDCG@10"]
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.5 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_axis_off()
+    for ax, col in zip(axes.flat, panels):
+        for i, (label, h) in enumerate(histories.items()):
+            if col in h.columns and h[col].notna().any():
+                ax.plot(h["epoch"], h[col], marker=".", color=f"C{i}", label=label)
+        ax.set(xlabel="epoch", title="validation NDCG@10" if col == "valid_NDCG@10" else f"train {col}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.flat[len(panels) - 1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_metric_bars(results: pd.DataFrame, metric: str = "NDCG@10", split: str = "test"):
+    """Mean (± std over seeds) of ``metric`` per model, one panel per dataset."""
+    plt = _plt()
+    df = results[results["split"] == split]
+    names = list(dict.fromkeys(df["dataset"]))
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        g = df[df["dataset"] == name].groupby("model", sort=False)[metric]
+        mean, std = g.mean(), g.std(ddof=1).fillna(0.0)
+        ax.bar(list(mean.index), mean.to_numpy(), yerr=std.to_numpy(), color="tab:blue", capsize=3)
+        ax.set(title=name, ylabel=f"{split} {metric}")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- 02: diffusion internals
+
+def plot_schedules(abar: dict[str, Sequence[float]]):
+    """``abar``: schedule name -> abar_t for t = 0..T. Left abar_t, right a_t = abar_t / abar_{t-1}."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3))
+    for name, v in abar.items():
+        v = np.asarray(v, dtype=np.float64)
+        t = np.arange(len(v))
+        a.plot(t, v, marker=".", label=name)
+        b.plot(t[1:], v[1:] / v[:-1], marker=".", label=name)
+    a.set(xlabel="t", ylabel=r"$\bar\alpha_t$", title=r"signal kept after t steps, $\bar\alpha_t$", ylim=(0, 1.05))
+    b.set(xlabel="t", ylabel=r"$\alpha_t$", title=r"per-step $\alpha_t = \bar\alpha_t / \bar\alpha_{t-1}$", ylim=(0, 1.05))
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_forward_noising(heat: np.ndarray, cos: dict[str, np.ndarray], theory: dict[str, np.ndarray] | None = None,
+                         dims: int = 24):
+    """Left: one feature vector (first ``dims`` coordinates) after t forward steps, t = 0..T (rows).
+    Right: cosine(h_t, h_0) over many items, mean ± std, per schedule (``cos``: name -> ``(T+1, n)``),
+    with ``theory`` (name -> ``(T+1,)``) dashed."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2), gridspec_kw={"width_ratios": [1.2, 1]})
+    lim = float(np.abs(heat[:, :dims]).max())
+    im = a.imshow(heat[:, :dims], aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+    a.set(xlabel="feature coordinate", ylabel="step t", title="one item's feature under forward noising")
+    a.grid(False)
+    fig.colorbar(im, ax=a, fraction=0.04)
+    for name, c in cos.items():
+        m, s = c.mean(1), c.std(1)
+        t = np.arange(len(m))
+        b.plot(t, m, marker=".", label=name)
+        b.fill_between(t, m - s, m + s, alpha=0.2)
+    for i, (name, v) in enumerate((theory or {}).items()):
+        b.plot(np.arange(len(v)), v, "--", color=f"C{i}", lw=1, label=f"{name}: theory")
+    b.set(xlabel="step t", ylabel=r"cos($h_t$, $h_0$)", title="how much of the item survives", ylim=(-0.1, 1.05))
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_chain_distance(curves: pd.DataFrame):
+    """``curves``: columns step, model ("untrained" / "trained"), modality, cosine, rel_l2 (one row each).
+    Left: cosine to the planted clean features per step; right: relative L2 distance. Colour =
+    modality, dashed = untrained."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(curves["modality"]))}
+    for (model, modality), g in curves.groupby(["model", "modality"], sort=False):
+        style = "-" if model == "trained" else "--"
+        for ax, col in zip(axes, ("cosine", "rel_l2")):
+            ax.plot(g["step"], g[col], style, marker=".", color=colours[modality], label=f"{modality}, {model}")
+    axes[0].set(xlabel="chain step t (0 = input)", ylabel=r"cos($h_t$, clean)", title="similarity to the planted clean features")
+    axes[1].set(xlabel="chain step t (0 = input)", ylabel=r"$\|h_t - $clean$\| / \|$clean$\|$", title="relative distance to clean")
+    axes[0].legend(fontsize=7)
+    for ax in axes:
+        ax.xaxis.set_major_locator(_int_locator())
+    fig.tight_layout()
+    return fig
+
+
+def _int_locator():
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+    return MaxNLocator(integer=True)
+
+
+def plot_attention(maps: dict[str, np.ndarray], xlabel: str = "condition position", ylabel: str = "query position",
+                   ncols: int = 2):
+    """One heatmap per entry (``(Lq, Lc)`` attention weights, rows sum to 1), ``ncols`` per row."""
+    plt = _plt()
+    nrows = -(-len(maps) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.3 * nrows), squeeze=False)
+    vmax = max(max(float(np.nanmax(w)) for w in maps.values()), 1e-6)
+    for ax in axes.flat[len(maps):]:
+        ax.set_axis_off()
+    for ax, (title, w) in zip(axes.flat, maps.items()):
+        im = ax.imshow(w, cmap="viridis", vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.grid(False)
+    fig.tight_layout()
+    fig.colorbar(im, ax=list(axes.flat), fraction=0.03, label="attention weight")
+    return fig
+
+
+def plot_click_denoising(df: pd.DataFrame, value: str, by: str = "click", hue: str = "model"):
+    """Box plots of ``value`` per ``by`` category, one box per ``hue`` value side by side."""
+    plt = _plt()
+    cats, hues = list(dict.fromkeys(df[by])), list(dict.fromkeys(df[hue]))
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    w = 0.8 / len(hues)
+    for j, h in enumerate(hues):
+        data = [df.loc[(df[by] == c) & (df[hue] == h), value].to_numpy() for c in cats]
+        pos = np.arange(len(cats)) + (j - (len(hues) - 1) / 2) * w
+        bp = ax.boxplot(data, positions=pos, widths=w * 0.9, patch_artist=True, showfliers=False)
+        for patch in bp["boxes"]:
+            patch.set_facecolor(f"C{j}")
+            patch.set_alpha(0.6)
+        ax.plot([], [], color=f"C{j}", lw=6, alpha=0.6, label=h)
+    ax.set_xticks(range(len(cats)), cats)
+    ax.set(ylabel=value)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def stream_event_rows(ds: Dataset, split: dict, level: int, max_len: int) -> np.ndarray:
+    """``(B, L+1)``: the ``ds.interactions`` row behind each position of one level's stream in an
+    evaluation split of :class:`~m3bsr.data.sequences.SequenceData` (-1 at BOS and padding).
+
+    Mirrors the split: the level's events strictly before the row's target time, the last ``max_len``.
+    """
+    df = ds.interactions
+    users, levels, ts = (df[c].to_numpy() for c in ("user", "level", "timestamp"))
+    starts = np.searchsorted(users, np.arange(ds.n_users), side="left")
+    ends = np.searchsorted(users, np.arange(ds.n_users), side="right")
+    rows_u, target_t = split["users"].numpy(), split["target_times"][:, 0].numpy()
+    out = np.full((len(rows_u), max_len + 1), -1, np.int64)
+    for b, (u, tt) in enumerate(zip(rows_u, target_t)):
+        s, e = starts[u], ends[u]
+        rows = s + np.flatnonzero((levels[s:e] == level) & (ts[s:e] < tt))
+        rows = rows[-max_len:]
+        out[b, 1:1 + len(rows)] = rows
+    return out
+
+
+def click_denoising(rec: dict, accidental: np.ndarray, label: str) -> pd.DataFrame:
+    """What CDBD did to every real click of a batch, from ``M3BSR.denoise_outputs`` (``rec``).
+
+    ``accidental`` ``(B, L+1)`` bool per click-stream position (ignored at BOS/padding). One row per
+    (click, modality): ``shift`` = ||after - before|| / ||before|| (before = after CDMD, after = after
+    CDBD) and the cosine to the user's favor centroid (the mean of the favor stream that conditions
+    CDBD) before and after.
+    """
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415
+    valid = rec["valid"]  # (B, S, L+1)
+    rows = []
+    for m in rec["modalities"]:
+        before, after = rec["cdmd"][m][:, 0], rec["cdbd"][m][:, 0]  # click level (B, L+1, d)
+        fav, fav_valid = rec["cdmd"][m][:, -1], valid[:, -1].float()
+        centroid = (fav * fav_valid[..., None]).sum(1) / fav_valid.sum(1, keepdim=True).clamp(min=1)
+        shift = (after - before).norm(dim=-1) / before.norm(dim=-1).clamp(min=1e-12)
+        cos_b = F.cosine_similarity(before, centroid[:, None], dim=-1)
+        cos_a = F.cosine_similarity(after, centroid[:, None], dim=-1)
+        sel = valid[:, 0] & (fav_valid.sum(1) > 0)[:, None]
+        acc = torch.as_tensor(accidental)[sel].numpy()
+        rows.append(pd.DataFrame({"model": label, "modality": m,
+                                  "click": np.where(acc, "accidental", "genuine"),
+                                  "shift": shift[sel].numpy(), "cos to favors before": cos_b[sel].numpy(),
+                                  "cos to favors after": cos_a[sel].numpy()}))
+    out = pd.concat(rows, ignore_index=True)
+    out["cos gain"] = out["cos to favors after"] - out["cos to favors before"]
+    return out
+
+
+def source_lines(obj: Any, *patterns: str) -> str:
+    """The first line of ``obj``'s source containing each pattern, as ``file:line: code`` (file repo-relative)."""
+    import inspect  # noqa: PLC0415
+    lines, start = inspect.getsourcelines(obj)
+    where = shown(inspect.getsourcefile(obj))
+    out = []
+    for p in patterns:
+        hit = next((i for i, line in enumerate(lines) if p in line), None)
+        out.append(f"{where}:{start + hit}:  {lines[hit].strip()}" if hit is not None
+                   else f"({p!r} not found in {obj.__qualname__})")
+    return "\n".join(out)
+
+
+def chain_states(rec: dict, key: str, modality: str, stage: str = "input") -> tuple:
+    """States and attention weights of one recorded chain, reshaped to ``(steps+1, B, S', L+1, d)``
+    and ``(steps, B, S', heads, L+1, Lc)`` whatever order the chain stacked levels and users in.
+
+    ``stage``: the record whose level streams the chain started from ("input" for CDMD, "cdmd" for CDBD).
+    """
+    import torch  # noqa: PLC0415
+    ch = rec["chains"][key]
+    levels = ch["levels"]
+    x0 = rec[stage][modality][:, levels]  # (B, S', L+1, d)
+    B, S = x0.shape[:2]
+    first = ch["states"][0]
+    if torch.equal(first, x0.reshape(B * S, *x0.shape[2:])):
+        fix = lambda t: t.reshape(B, S, *t.shape[1:])  # noqa: E731  (user-major)
+    elif torch.equal(first, x0.transpose(0, 1).reshape(B * S, *x0.shape[2:])):
+        fix = lambda t: t.reshape(S, B, *t.shape[1:]).transpose(0, 1)  # noqa: E731  (level-major)
+    else:
+        raise ValueError(f"chain {key!r}: its first state matches neither order of rec[{stage!r}][{modality!r}]")
+    return torch.stack([fix(s) for s in ch["states"]]), torch.stack([fix(w) for w in ch["weights"]])
+
+
+def projected_clean(model: Any, ds: Dataset, modality: str):
+    """The planted clean features of the synthetic data through the model's own projection of the
+    (noisy) features: ``(N+1, d)``, comparable to the model's ``modality`` stream before CDMD."""
+    import torch  # noqa: PLC0415
+    proj = model.proj[modality]
+    noisy, mask = torch.from_numpy(ds.features[modality]), torch.from_numpy(ds.feature_mask[modality])
+    mu, sd = noisy[mask].mean(0), noisy[mask].std(0) + 1e-6  # the standardisation FeatureProjection fitted
+    if not torch.allclose(proj.features[mask], (noisy[mask] - mu) / sd, atol=1e-4):
+        raise ValueError("FeatureProjection no longer standardises as assumed here; update projected_clean")
+    with torch.no_grad():
+        return proj.proj((torch.from_numpy(ds.truth[f"clean_{modality}"]) - mu) / sd)
+
+
+def chain_distance(states, items, clean, valid) -> pd.DataFrame:
+    """Per chain step: mean cosine and relative L2 distance of the states to the clean embeddings.
+
+    states ``(steps+1, B, S, L+1, d)``, items / valid ``(B, S, L+1)``, clean ``(N+1, d)``.
+    """
+    import torch.nn.functional as F  # noqa: PLC0415
+    target = clean[items]
+    rows = []
+    for t, h in enumerate(states):
+        cos = F.cosine_similarity(h, target, dim=-1)[valid]
+        rel = ((h - target).norm(dim=-1) / target.norm(dim=-1).clamp(min=1e-12))[valid]
+        rows.append({"step": t, "cosine": float(cos.mean()), "rel_l2": float(rel.mean())})
+    return pd.DataFrame(rows)

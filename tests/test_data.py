@@ -1,0 +1,358 @@
+"""Data pipeline: real-data statistics, synthetic ground truth, bad input, feature cache.
+
+Real-data tests skip when no data root is found (set M3BSR_DATA). The heavy encoders only run on a
+handful of items; full encoding never runs here.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from m3bsr.config import DataConfig, make_config
+from m3bsr.data import features as F
+from m3bsr.data import sources
+from m3bsr.data.schema import DataError
+from m3bsr.data.sources import load_csv, load_dataset, resolve_data_root
+from m3bsr.data.synthetic import make_synthetic
+
+try:
+    ROOT = resolve_data_root()
+except DataError:
+    ROOT = None
+needs_data = pytest.mark.skipif(ROOT is None, reason="no data root (set M3BSR_DATA)")
+
+
+def level_counts(ds) -> dict[str, int]:
+    return {name: int((ds.interactions["level"] == k).sum()) for k, name in enumerate(ds.levels)}
+
+
+def raises_at(fn, file_name: str, line: int | None, *words: str) -> str:
+    """fn() must raise DataError whose message names the file, the line and every word."""
+    with pytest.raises(DataError) as e:
+        fn()
+    msg = str(e.value)
+    assert file_name in msg, msg
+    if line is not None:
+        assert f"line {line}:" in msg, msg
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+# ----------------------------------------------------------------------------- real data statistics
+
+@needs_data
+def test_ml_100k_statistics():
+    ds = load_dataset(DataConfig(dataset="ml-100k-mm"), features=False)
+    assert (ds.n_users, ds.n_items, ds.levels) == (943, 1682, ["click", "favor"])
+    assert level_counts(ds) == {"click": 100000, "favor": 55375}
+    df = ds.interactions
+    fav = df[df.level == 1][["user", "item", "timestamp"]]
+    clicks = df[df.level == 0][["user", "item", "timestamp"]]
+    assert len(fav.merge(clicks)) == len(fav)  # every favor is also a click at the same time
+    posters = ROOT / "ml-100k-mm" / "posters"
+    assert sum((posters / f"{i}.jpg").is_file() for i in ds.item_ids[1:]) == 1663
+    assert ds.item_labels[1:].tolist().count(None) == 0 and "Comedy" in set(ds.item_labels[1:])
+
+
+@needs_data
+def test_ml_latest_small_statistics():
+    ds = load_dataset(DataConfig(dataset="ml-latest-small-mm"), features=False)
+    assert (ds.n_users, ds.n_items) == (610, 9724)
+    assert level_counts(ds) == {"click": 100836, "favor": 48580}
+
+
+@needs_data
+def test_rec_tmall_statistics_and_text(tmp_path):
+    ds = load_dataset(DataConfig(dataset="rec-tmall", cache_dir=str(tmp_path)))
+    assert (ds.n_users, ds.n_items) == (836, 554)
+    assert level_counts(ds) == {"click": 4474, "deep": 358 + 5 + 7}
+    assert ds.features["text"].shape == (555, 64) and ds.feature_mask["text"][1:].all()
+    assert set(ds.features) == {"text"}
+    ds = load_dataset(DataConfig(dataset="rec-tmall", levels="click|cart|collect,alipay"), features=False)
+    assert level_counts(ds) == {"click": 4474, "cart": 358, "collect,alipay": 12}
+    ds = load_dataset(DataConfig(dataset="rec-tmall", deep="alipay"), features=False)
+    assert level_counts(ds) == {"click": 4474 + 358 + 5, "deep": 7}
+
+
+@needs_data
+def test_taobao_statistics():
+    ds = load_dataset(DataConfig(dataset="taobao-ub"))
+    assert ds.levels == ["pv", "deep"] and level_counts(ds) == {"pv": 3926, "deep": 190 + 128 + 77}
+    assert ds.features == {} and ds.item_labels.dtype == np.int64
+    ds = load_dataset(DataConfig(dataset="taobao-ub", levels="pv|cart|fav,buy"))
+    assert level_counts(ds) == {"pv": 3926, "cart": 190, "fav,buy": 128 + 77}
+
+
+@needs_data
+def test_real_encoders_on_a_handful():
+    x = F.encode_texts(["Toy Story (1995). Animation, Comedy.", "GoldenEye (1995). Action.", "Heat"])
+    assert x.shape == (3, 384) and x.dtype == np.float32 and np.isfinite(x).all()
+    y = F.encode_images([ROOT / "ml-100k-mm" / "posters" / f"{i}.jpg" for i in (1, 2)])
+    assert y.shape == (2, 1280) and np.isfinite(y).all() and not np.allclose(y[0], y[1])
+
+
+def test_data_root_resolution(tmp_path, monkeypatch):
+    assert resolve_data_root(tmp_path) == tmp_path
+    monkeypatch.setenv("M3BSR_DATA", str(tmp_path))
+    assert resolve_data_root() == tmp_path
+    monkeypatch.delenv("M3BSR_DATA")
+    monkeypatch.setattr(sources, "__file__", str(tmp_path / "repo" / "lib" / "m3bsr" / "data" / "sources.py"))
+    with pytest.raises(DataError, match="M3BSR_DATA"):
+        resolve_data_root()
+    raises_at(lambda: resolve_data_root(tmp_path / "nope"), "nope", None, "not a folder")
+
+
+def test_dispatcher_errors(tmp_path):
+    raises_at(lambda: load_dataset(DataConfig(dataset="ml-100k-mm", data_root=str(tmp_path))), "ml-100k-mm", None,
+              "not found")
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_dataset(DataConfig(dataset="movielens"))
+    with pytest.raises(DataError, match="data_file"):
+        load_dataset(DataConfig(dataset="csv"))
+    with pytest.raises(DataError, match="fixed levels"):
+        load_dataset(DataConfig(dataset="ml-100k-mm", deep="favor", data_root=str(tmp_path)))
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+def test_synthetic_deterministic_and_fast():
+    cfg = make_config("ci").data
+    t = time.perf_counter()
+    a = make_synthetic(cfg)
+    assert time.perf_counter() - t < 1.0
+    b = load_dataset(cfg)
+    assert a.interactions.equals(b.interactions) and a.fingerprint() == b.fingerprint()
+    assert np.array_equal(a.truth["accidental"], b.truth["accidental"])
+    cfg.syn_seed = 1
+    assert make_synthetic(cfg).fingerprint() != a.fingerprint()
+
+
+def test_synthetic_planted_truth():
+    cfg = make_config("ci").data
+    ds = make_synthetic(cfg)
+    df, acc, tr = ds.interactions, ds.truth["accidental"], ds.truth
+    assert acc.shape == (len(df),) and not acc[df.level.to_numpy() == 1].any()
+    assert abs(acc[df.level.to_numpy() == 0].mean() - cfg.syn_noise) < 0.05
+    assert ds.features["image"].shape == (ds.n_items + 1, 48) and ds.features["text"].shape == (ds.n_items + 1, 32)
+    assert tr["clean_image"].shape == ds.features["image"].shape and tr["item_factors"].shape == (ds.n_items + 1, 16)
+    assert np.array_equal(ds.item_labels, tr["item_cluster"]) and tr["item_cluster"][0] == -1
+    # every favor follows a genuine click of the same item, inside one of the user's clusters
+    genuine = df[(df.level == 0) & ~acc].groupby(["user", "item"])["timestamp"].min()
+    fav = df[df.level == 1]
+    first_click = genuine.reindex(list(zip(fav.user, fav.item))).to_numpy()
+    assert (first_click < fav.timestamp.to_numpy()).all()
+    assert all(tr["item_cluster"][i] in tr["user_clusters"][u] for u, i in zip(fav.user, fav.item))
+    assert (fav.groupby("user").size().reindex(range(ds.n_users), fill_value=0) >= 3).mean() > 0.9
+
+
+# ----------------------------------------------------------------------------- bad input
+
+GOOD_UDATA = "1\t10\t5\t100\n1\t20\t3\t101\n2\t10\t4\t102\n2\t30\t1\t103\n"
+
+
+def ml_folder(tmp_path: Path, udata: str | bytes = GOOD_UDATA, items: str | None = None) -> Path:
+    folder = tmp_path / "ml-100k-mm"
+    folder.mkdir()
+    (folder / "u.data").write_bytes(udata.encode() if isinstance(udata, str) else udata)
+    genres = ",".join(sources.ML100K_GENRES)
+    if items is None:
+        rows = [f"{m},Movie {m},{','.join('1' if j == m % 5 else '0' for j in range(19))},plot {m}" for m in (10, 20, 30)]
+        items = f"movie_id,title,{genres},overview\n" + "\n".join(rows) + "\n"
+    (folder / "items.csv").write_text(items)
+    return folder
+
+
+def load_ml(folder: Path):
+    return load_dataset(DataConfig(dataset="ml-100k-mm", data_root=str(folder.parent)), features=False)
+
+
+def test_tiny_ml_folder_loads(tmp_path):
+    ds = load_ml(ml_folder(tmp_path))
+    assert level_counts(ds) == {"click": 4, "favor": 2} and ds.n_items == 3
+
+
+def test_missing_file(tmp_path):
+    folder = ml_folder(tmp_path)
+    (folder / "items.csv").unlink()
+    raises_at(lambda: load_ml(folder), "items.csv", None, "not found")
+
+
+def test_wrong_column_count(tmp_path):
+    folder = ml_folder(tmp_path, GOOD_UDATA + "3\t10\t4\n")
+    raises_at(lambda: load_ml(folder), "u.data", 5, "expected 4")
+
+
+@pytest.mark.parametrize("row, column", [("x1\t10\t4\t104", "user"), ("3\t10.5\t4\t104", "item"),
+                                         ("3\t10\t4\t2020-01-01", "timestamp"), ("3\t10\tgood\t104", "rating"),
+                                         ("3\t10\tNaN\t104", "rating"), ("3\t10\t\t104", "rating")])
+def test_non_numeric_fields(tmp_path, row, column):
+    folder = ml_folder(tmp_path, GOOD_UDATA + row + "\n")
+    raises_at(lambda: load_ml(folder), "u.data", 5, repr(column))
+
+
+def test_empty_file(tmp_path):
+    raises_at(lambda: load_ml(ml_folder(tmp_path, "\n")), "u.data", None, "empty")
+
+
+def test_nul_bytes(tmp_path):
+    raises_at(lambda: load_ml(ml_folder(tmp_path, GOOD_UDATA.encode() + b"3\t1\x000\t4\t104\n")), "u.data", 5, "NUL")
+
+
+def test_bad_genre_value(tmp_path):
+    genres = ",".join(sources.ML100K_GENRES)
+    items = f"movie_id,title,{genres},overview\n10,A,{','.join(['0'] * 18)},2,plot\n"
+    raises_at(lambda: load_ml(ml_folder(tmp_path, items=items)), "items.csv", 2, "0 or 1")
+
+
+def test_items_header_missing_column(tmp_path):
+    raises_at(lambda: load_ml(ml_folder(tmp_path, items="movie_id,title\n10,A\n")), "items.csv", 1, "overview")
+
+
+def test_no_favor_at_threshold(tmp_path):
+    cfg = DataConfig(dataset="ml-100k-mm", data_root=str(ml_folder(tmp_path).parent), favor_threshold=6)
+    raises_at(lambda: load_dataset(cfg, features=False), "u.data", None, "favor_threshold")
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+GOOD_CSV = "user_id,item_id,behavior,timestamp\nu1,a,click,1\nu1,b,buy,2\nu2,a,click,3\nu1,c,cart,4\n"
+
+
+def test_generic_csv_levels_and_users_without_deep(tmp_path):
+    ds = load_csv(write(tmp_path / "log.csv", GOOD_CSV), deep="buy")
+    assert ds.levels == ["shallow", "deep"] and level_counts(ds) == {"shallow": 3, "deep": 1}
+    assert ds.n_users == 2  # u2 has no deep event: kept, just without a target
+    ds = load_csv(tmp_path / "log.csv", deep=None, levels="click|cart|buy")
+    assert level_counts(ds) == {"click": 2, "cart": 1, "buy": 1}
+
+
+def test_csv_not_utf8(tmp_path):
+    path = write(tmp_path / "log.csv", GOOD_CSV.encode() + "u3,caf\u00e9,click,5\n".encode("latin-1"))
+    raises_at(lambda: load_csv(path, deep="buy"), "log.csv", 6, "utf-8")
+
+
+def test_csv_duplicated_header(tmp_path):
+    path = write(tmp_path / "log.csv", GOOD_CSV + "user_id,item_id,behavior,timestamp\nu3,a,buy,9\n")
+    raises_at(lambda: load_csv(path, deep="buy"), "log.csv", 6, "duplicated header")
+
+
+def test_csv_header_only_is_empty(tmp_path):
+    path = write(tmp_path / "log.csv", "user_id,item_id,behavior,timestamp\n")
+    raises_at(lambda: load_csv(path, deep="buy"), "log.csv", None, "no data rows")
+
+
+def test_csv_deep_required_and_known(tmp_path):
+    path = write(tmp_path / "log.csv", GOOD_CSV)
+    with pytest.raises(DataError, match="deep"):
+        load_dataset(DataConfig(dataset="csv", data_file=str(path)))
+    with pytest.raises(DataError, match="click, buy, cart"):
+        load_csv(path, deep="purchase")
+    with pytest.raises(DataError, match="'like'.*click, buy, cart"):
+        load_csv(path, deep=None, levels="click|like")
+
+
+def test_csv_bad_features(tmp_path):
+    path = write(tmp_path / "log.csv", GOOD_CSV)
+    ids = np.array(["a", "b", "c"])
+    ds = load_csv(path, deep="buy", features={"image": (ids[:2], np.ones((2, 4)))})
+    assert ds.features["image"].shape == (4, 4) and ds.feature_mask["image"].sum() == 2
+    bad = np.ones((3, 4))
+    bad[1, 2] = np.nan
+    raises_at(lambda: load_csv(path, deep="buy", features={"image": (ids, bad)}), "log.csv", None, "NaN")
+    raises_at(lambda: load_csv(path, deep="buy", features={"text": (ids, np.ones(3))}), "log.csv", None, "shape")
+    raises_at(lambda: load_csv(path, deep="buy", features={"text": (ids, np.ones((2, 5)))}), "log.csv", None, "shape")
+
+
+def tmall_folder(tmp_path: Path, log: bytes) -> Path:
+    folder = tmp_path / "rec-tmall-sample"
+    folder.mkdir()
+    write(folder / sources.TMALL_LOG, log)
+    write(folder / sources.TMALL_PRODUCT, "item_id,title,pict_url,category,brand_id,seller_id\n"
+                                          "1,\u6253\u5e95\u886b \u5973\u88c5,http://x,1-2,b1,s1\n".encode("gbk"))
+    return folder
+
+
+TMALL_LOG = "item_id,user_id,action,vtime\ni1,u1,click,2014/9/18 15:03\ni1,u1,cart,2014/9/18 15:04\n"
+
+
+def test_rec_tmall_not_gbk(tmp_path):
+    folder = tmall_folder(tmp_path, TMALL_LOG.encode("gbk") + b"i1,u2,click,\xff\xff\n")
+    cfg = DataConfig(dataset="rec-tmall", data_root=str(tmp_path))
+    raises_at(lambda: load_dataset(cfg, features=False), sources.TMALL_LOG, 4, "gbk")
+
+
+def test_rec_tmall_bad_time_and_action(tmp_path):
+    cfg = DataConfig(dataset="rec-tmall", data_root=str(tmp_path))
+    folder = tmall_folder(tmp_path, (TMALL_LOG + "i1,u2,click,yesterday\n").encode("gbk"))
+    raises_at(lambda: load_dataset(cfg, features=False), sources.TMALL_LOG, 4, "vtime")
+    write(folder / sources.TMALL_LOG, (TMALL_LOG + "i1,u2,like,2014/9/18 15:03\n").encode("gbk"))
+    raises_at(lambda: load_dataset(cfg, features=False), sources.TMALL_LOG, 4, "'like'", "click, collect, cart, alipay")
+
+
+def taobao_folder(tmp_path: Path, rows: str) -> DataConfig:
+    folder = tmp_path / "taobao-userbehavior-sample"
+    folder.mkdir()
+    write(folder / "UserBehavior_sample.csv", rows)
+    return DataConfig(dataset="taobao-ub", data_root=str(tmp_path))
+
+
+def test_taobao_unknown_deep_names_the_known_ones(tmp_path):
+    cfg = taobao_folder(tmp_path, "1,10,5,pv,100\n1,11,5,buy,101\n")
+    cfg.deep = "like"
+    with pytest.raises(DataError, match="pv, fav, cart, buy"):
+        load_dataset(cfg)
+    cfg.deep, cfg.levels = None, "pv|cart|purchase"
+    with pytest.raises(DataError, match="'purchase'.*pv, fav, cart, buy"):
+        load_dataset(cfg)
+
+
+def test_taobao_deep_matches_no_rows(tmp_path):
+    cfg = taobao_folder(tmp_path, "1,10,5,pv,100\n1,11,5,buy,101\n")
+    cfg.deep = "cart"
+    raises_at(lambda: load_dataset(cfg), "UserBehavior_sample.csv", None, "matches no rows")
+
+
+def test_taobao_header_line_is_malformed(tmp_path):
+    cfg = taobao_folder(tmp_path, "1,10,5,pv,100\nuser_id,item_id,category_id,behavior,timestamp\n")
+    raises_at(lambda: load_dataset(cfg), "UserBehavior_sample.csv", 2, "integer")
+
+
+def test_unreadable_image(tmp_path):
+    raises_at(lambda: F.load_image(write(tmp_path / "7.jpg", b"not a jpeg")), "7.jpg", None, "not a readable image")
+
+
+# ----------------------------------------------------------------------------- feature cache
+
+def test_cache_hit_truncation_and_atomicity(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": np.arange(12, dtype=np.float32).reshape(3, 4)}
+
+    a = F.cached("demo", ["v1", b"abc"], compute, tmp_path)
+    b = F.cached("demo", ["v1", b"abc"], compute, tmp_path)
+    assert len(calls) == 1 and np.array_equal(a["x"], b["x"])
+    F.cached("demo", ["v1", b"abd"], compute, tmp_path)  # other content, other key
+    assert len(calls) == 2
+    files = sorted(tmp_path.glob("demo-*.npz"))
+    assert len(files) == 2
+    for f in files:
+        f.write_bytes(f.read_bytes()[:40])  # truncate
+    c = F.cached("demo", ["v1", b"abc"], compute, tmp_path)
+    assert len(calls) == 3 and np.array_equal(c["x"], a["x"])
+    F.cached("demo", ["v1", b"abc"], compute, tmp_path)
+    assert len(calls) == 3  # the rewritten file is valid
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+
+
+def test_cache_key_part_boundaries():
+    assert F.cache_key(["ab", "c"]) != F.cache_key(["a", "bc"])
+    assert F.cache_key(["ab", "c"]) == F.cache_key([b"ab", b"c"])

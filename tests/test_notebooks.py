@@ -1,0 +1,138 @@
+"""The notebooks: one ``parameters`` cell, fail fast on a bad parameter, committed with real outputs.
+
+``make test`` also executes every notebook under the ci profile with ``pytest --nbval-lax`` (see the
+Makefile) and then runs :func:`test_ci_run_wrote_figures` against what that run wrote
+(``M3BSR_CI_BUILD`` names the build folder; without it that test is skipped).
+"""
+import json
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from m3bsr import viz
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+COMMON_PARAMETERS = {"profile", "datasets", "seeds", "device", "data_root", "figures_dir", "results_dir", "runs_dir"}
+# figures each notebook must write under the ci profile (name stems; PNG and PDF each)
+CI_FIGURES = {
+    "01_data_preparation": ["01_sequence_lengths", "01_alignment", "01_poster_neighbours"],
+    "02_diffusion_internals": ["02_schedules", "02_forward_noising", "02_cdmd_chain", "02_attention", "02_cdbd_clicks"],
+    "03_training": ["03_curves_synthetic", "03_ndcg10"],
+}
+ids = [p.stem for p in NOTEBOOKS]
+
+
+def tags(cell) -> list[str]:
+    return list(cell.metadata.get("tags", []))
+
+
+def code_cells(nb) -> list:
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
+def test_there_are_notebooks():
+    assert {"01_data_preparation", "03_training"} <= set(ids)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_one_parameters_cell_first_with_the_common_parameters(path):
+    nb = nbformat.read(path, as_version=4)
+    cells = code_cells(nb)
+    assert [tags(c) for c in cells].count(["parameters"]) == 1
+    assert sum("parameters" in tags(c) for c in nb.cells) == 1, "exactly one cell tagged 'parameters'"
+    assert "parameters" in tags(cells[0]), "the parameters cell is the first code cell"
+    import papermill
+    assert COMMON_PARAMETERS <= set(papermill.inspect_notebook(str(path)))
+    after = [c for c in cells[1:] if "injected-parameters" not in tags(c)][0]
+    assert "viz.check_" in after.source, "the cell after the parameters validates them"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_committed_notebook_carries_default_profile_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    cells = code_cells(nb)
+    assert all(c.execution_count is not None for c in cells), "executed top to bottom (make reproduce)"
+    assert not any(o.output_type == "error" for c in cells for o in c.outputs)
+    injected = [c for c in cells if "injected-parameters" in tags(c)]
+    profile = nb.metadata.get("papermill", {}).get("parameters", {}).get("profile", "default")
+    assert profile == "default", f"outputs come from profile {profile!r}, not default"
+    assert all("profile = \"ci\"" not in c.source for c in injected)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_no_machine_paths_in_committed_cells(path):
+    text = json.dumps([{"source": c.source, "outputs": c.get("outputs", [])} for c in nbformat.read(path, 4).cells])
+    assert str(REPO) not in text
+    assert str(REPO.parent) + "/shared" not in text
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_unknown_dataset_fails_in_the_validation_cell(path, tmp_path):
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+    with pytest.raises(PapermillExecutionError) as err:
+        papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters={"datasets": ["nope"]},
+                                   progress_bar=False, cwd=str(tmp_path))
+    assert err.value.ename == "ValueError"
+    assert "'nope'" in err.value.evalue and "allowed" in err.value.evalue
+    assert "viz.check_" in err.value.source, "fails in the validation cell, before any work"
+
+
+@pytest.mark.parametrize("kwargs, bad", [
+    (dict(profile="huge"), "'huge'"),
+    (dict(datasets=["ml-1m"]), "'ml-1m'"),
+    (dict(datasets="synthetic"), "'synthetic'"),
+    (dict(seeds=[0.5]), "[0.5]"),
+    (dict(device="tpu"), "'tpu'"),
+    (dict(models=["sasrec", "gru4rec"]), "'gru4rec'"),
+    (dict(data_root="no/such/folder"), "'no/such/folder'"),
+])
+def test_check_parameters_names_the_bad_value(kwargs, bad):
+    args = dict(profile="ci", datasets=["synthetic"], seeds=[0], device="cpu", data_root=None, models=None)
+    with pytest.raises(ValueError) as err:
+        viz.check_parameters(**{**args, **kwargs})
+    assert bad in str(err.value)
+
+
+def test_check_parameters_accepts_the_defaults():
+    viz.check_parameters("ci", list(viz.DATASETS), [0, 1], "auto", None, ["pop", "sasrec"])
+
+
+def test_figures_are_byte_identical_on_rerun(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def draw(folder):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1, 4])
+        out = viz.save_figure(fig, "x", folder)
+        plt.close(fig)
+        return [p.read_bytes() for p in out]
+
+    assert draw(tmp_path / "a") == draw(tmp_path / "b")
+
+
+def test_paths_resolve_against_the_repository_not_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert viz.resolve_path("build/figures") == REPO / "build" / "figures"
+    assert viz.resolve_path(tmp_path) == tmp_path
+
+
+@pytest.mark.skipif(not os.environ.get("M3BSR_CI_BUILD"), reason="runs after `make test` executed the notebooks")
+def test_ci_run_wrote_figures():
+    build = REPO / os.environ["M3BSR_CI_BUILD"]
+    figures = build / "figures"
+    for nb in sorted((build / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        expected = CI_FIGURES.get(nb.stem, [])
+        written = sorted(figures.glob(f"{nb.stem[:2]}_*.png"))
+        assert written, f"{nb.name} wrote no figure"
+        for stem in expected:
+            for ext in ("png", "pdf"):
+                f = figures / f"{stem}.{ext}"
+                assert f.is_file() and f.stat().st_size > 0, f"{nb.name}: {f.name} missing or empty"
+    for f in figures.iterdir():
+        assert f.stat().st_size > 0, f"{f.name} is empty"

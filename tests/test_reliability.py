@@ -1,0 +1,182 @@
+"""Crash safety and determinism at the command line (issue #7).
+
+* ``kill -9`` at a random moment of training, then ``--resume``: ``metrics.json`` is byte-identical
+  to an uninterrupted run with the same seed.
+* A crash while a checkpoint is being written leaves the previous one in place; a truncated
+  ``last.pt`` is refused with a clear error, never loaded; ``best.pt`` survives.
+* The same command twice gives the same ``metrics.json``; evaluating one checkpoint twice gives
+  the same numbers.
+
+Subprocesses run with one thread (OMP_NUM_THREADS=1): the box is small and shared.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from m3bsr.cli import main
+from m3bsr.config import make_config
+from m3bsr.models.registry import MODELS
+from m3bsr.train import Trainer, load_checkpoint, remove_stale_temporaries
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 180
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO / "lib"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def train_cmd(out: Path, cache: Path, model: str = "sasrec", epochs: int = 2, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "m3bsr", "train", "--dataset", "synthetic", "--model", model, "--profile", "ci",
+            "--epochs", str(epochs), "--seed", "3", "--out", str(out), "--set", f"cache_dir={cache}", *extra]
+
+
+def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env(), timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"training ended (rc {proc.returncode}) before {what}: {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def kill_at_random_moment(cmd: list[str], out: Path, rng: random.Random, tmp_path: Path) -> float:
+    """Start ``cmd``, wait until it saves a (new) last.pt, sleep a random delay, SIGKILL it."""
+    last = out / "last.pt"
+    before = last.stat().st_mtime_ns if last.exists() else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env=env())
+    try:
+        wait_for(lambda: last.exists() and last.stat().st_mtime_ns != before, "a new last.pt", proc)
+        delay = rng.uniform(0.0, 0.5)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill: make it longer"
+    assert not (out / "metrics.json").exists()
+    return delay
+
+
+def test_sigkill_at_a_random_moment_then_resume_gives_identical_metrics(tmp_path):
+    epochs, extra = 60, ("--set", "patience=1000")  # long enough that a kill always lands mid-training
+    cache = tmp_path / "cache"
+    run(train_cmd(tmp_path / "full", cache, "sasrec", epochs, *extra), tmp_path)
+
+    cut = tmp_path / "cut"
+    cmd = train_cmd(cut, cache, "sasrec", epochs, *extra)
+    seed = random.randrange(2 ** 32)
+    rng = random.Random(seed)
+    delays = [kill_at_random_moment(cmd, cut, rng, tmp_path)]  # killed in the first run
+    first_epoch = load_checkpoint(cut / "last.pt")["epoch"]
+    delays.append(kill_at_random_moment([*cmd, "--resume"], cut, rng, tmp_path))  # and again while resuming
+    assert 1 <= first_epoch <= load_checkpoint(cut / "last.pt")["epoch"] < epochs, (seed, delays)
+    run([*cmd, "--resume"], tmp_path)
+
+    same = (cut / "metrics.json").read_bytes() == (tmp_path / "full" / "metrics.json").read_bytes()
+    assert same, f"resumed metrics differ (kill rng seed {seed}, delays {delays})"
+    assert "seconds" not in (cut / "metrics.json").read_text()
+    full_hist = (tmp_path / "full" / "history.csv").read_text().splitlines()
+    cut_hist = (cut / "history.csv").read_text().splitlines()
+    assert len(cut_hist) == len(full_hist) == epochs + 1
+    assert [r.rsplit(",", 1)[0] for r in cut_hist] == [r.rsplit(",", 1)[0] for r in full_hist]  # all but seconds
+    assert not [p for p in cut.iterdir() if ".tmp" in p.name], "no temporary file left behind"
+
+
+def ci_config(tmp_path: Path, **over):
+    return make_config("ci", {"dataset": "synthetic", "cache_dir": str(tmp_path / "cache"), "progress": False,
+                              "model": "sasrec", "patience": 10, **over})
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    full = Trainer(ci_config(tmp_path, epochs=3), tmp_path / "full").fit()
+    out2 = tmp_path / "run"
+    tr = Trainer(ci_config(tmp_path, epochs=3), out2)
+    import m3bsr.train as train_mod
+    real_replace, saves = os.replace, []
+
+    def dying_replace(src, dst):  # the process dies in the middle of the 3rd epoch's last.pt write
+        if Path(dst).name == "last.pt":
+            saves.append(dst)
+            if len(saves) == 3:
+                raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(train_mod.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        tr.fit()
+    monkeypatch.setattr(train_mod.os, "replace", real_replace)
+    assert load_checkpoint(out2 / "last.pt")["epoch"] == 2, "the previous good last.pt is still there"
+    assert not list(out2.glob(".*.tmp*")), "an interrupted write removes its temporary file"
+    # a SIGKILL leaves the temporary file behind: plant one, half written, next to the real checkpoint
+    stray = out2 / f".last.pt.tmp{os.getpid() + 1}"
+    stray.write_bytes((out2 / "last.pt").read_bytes()[:1000])
+    resumed = Trainer(ci_config(tmp_path, epochs=3), out2).fit(resume=True)
+    assert not stray.exists(), "stale temporaries are removed on restart"
+    assert resumed == full
+    assert (out2 / "metrics.json").read_bytes() == (tmp_path / "full" / "metrics.json").read_bytes()
+
+
+def test_truncated_last_checkpoint_is_refused_and_best_survives(tmp_path, capsys):
+    out = tmp_path / "run"
+    Trainer(ci_config(tmp_path, epochs=2), out).fit()
+    metrics = (out / "metrics.json").read_bytes()
+    raw = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(raw[: len(raw) // 3])  # e.g. a non-atomic copy, a full disk
+    (out / f".last.pt.tmp{os.getpid() + 7}").write_bytes(raw[:100])  # and a writer's leftover
+    args = ["train", "--dataset", "synthetic", "--model", "sasrec", "--profile", "ci", "--epochs", "2",
+            "--out", str(out), "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "patience=10",
+            "--set", "progress=false", "--resume"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "last.pt" in err and "truncated or corrupted" in err and "Traceback" not in err
+    assert (out / "metrics.json").read_bytes() == metrics, "nothing was trained from the bad checkpoint"
+    assert load_checkpoint(out / "best.pt")["epoch"] >= 1, "best.pt survives and verifies"
+    assert main(["evaluate", "--run", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["test"] == json.loads(metrics)["test"]
+    # a checkpoint with a bad header is refused the same way
+    (out / "last.pt").write_bytes(b"PK\x03\x04" + raw[8:200])
+    assert main(args) == 2 and "not an m3bsr checkpoint" in capsys.readouterr().err
+
+
+def test_remove_stale_temporaries_only_touches_our_temporaries(tmp_path):
+    for name in (".last.pt.tmp123", ".history.csv.tmp9", "last.pt", ".hidden", "notes.tmp1"):
+        (tmp_path / name).write_text("x")
+    assert sorted(p.name for p in remove_stale_temporaries(tmp_path)) == [".history.csv.tmp9", ".last.pt.tmp123"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "last.pt", "notes.tmp1"]
+
+
+@pytest.mark.parametrize("model", [m for m in ("sasrec", "m3bsr") if m in MODELS])
+def test_same_command_twice_gives_identical_metrics(tmp_path, model, capsys):
+    cache = tmp_path / "cache"
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(train_cmd(a, cache, model, 2), tmp_path)
+    run(train_cmd(b, cache, model, 2), tmp_path)
+    assert (a / "metrics.json").read_bytes() == (b / "metrics.json").read_bytes()
+    # and one checkpoint evaluated twice gives the same numbers as the training process reported
+    assert main(["evaluate", "--run", str(a), "--device", "cpu"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", "--run", str(a), "--device", "cpu"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    saved = json.loads((a / "metrics.json").read_text())
+    assert first == second == {"valid": saved["valid"], "test": saved["test"]}

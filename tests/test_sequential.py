@@ -1,0 +1,193 @@
+"""BERT4Rec, MBT and DiffuRec: shapes, no peeking at or after the target, seeded sampling, training."""
+import pytest
+import torch
+
+from m3bsr.config import ModelConfig
+from m3bsr.data.sequences import TIME_BOS, TIME_PAD
+from m3bsr.models.base import DataInfo
+from m3bsr.models.sequential import BERT4Rec, DiffuRec, MBT, diffurec_betas
+
+N, L, S = 30, 8, 2
+FUTURE = range(N - 4, N + 1)  # ids used only to perturb events at or after a target
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and stall on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_batch(B=6, S=S, L=L, seed=0, eval_rows=False):
+    """Hand-made rows in the batch layout. Training: every deep event with an earlier event is a
+    target (K = L). Eval (K = 1): the target time falls mid-row, so later events exist to be ignored."""
+    g = torch.Generator().manual_seed(seed)
+    items = torch.zeros(B, S, L + 1, dtype=torch.long)
+    times = torch.full((B, S, L + 1), TIME_PAD)
+    times[:, :, 0] = TIME_BOS
+    K = 1 if eval_rows else L
+    targets, target_times = torch.zeros(B, K, dtype=torch.long), torch.full((B, K), TIME_PAD)
+    for b in range(B):
+        for s in range(S):
+            n = int(torch.randint(2, L + 1, (1,), generator=g))
+            times[b, s, 1:n + 1] = torch.randperm(40, generator=g)[:n].sort().values  # ties across levels happen
+            items[b, s, 1:n + 1] = torch.randint(1, N - 4, (n,), generator=g)
+        deep = items[b, -1] > 0
+        if eval_rows:
+            targets[b, 0], target_times[b, 0] = int(torch.randint(1, N - 4, (1,), generator=g)), 20
+        else:
+            first = times[b, :, 1].min()
+            keep = deep[1:] & (times[b, -1, 1:] > first)
+            targets[b] = items[b, -1, 1:] * keep
+            target_times[b] = torch.where(deep[1:], times[b, -1, 1:], TIME_PAD)
+    return dict(items=items, times=times, targets=targets, target_times=target_times, users=torch.arange(B))
+
+
+def perturb_from(batch, tau, seed=1):
+    """A copy of ``batch`` whose events at or after time ``tau`` (B,) get other (FUTURE) items."""
+    g = torch.Generator().manual_seed(seed)
+    out = {k: v.clone() for k, v in batch.items()}
+    hit = (out["times"] >= tau[:, None, None]) & (out["items"] > 0)
+    out["items"][hit] = torch.randint(FUTURE.start, FUTURE.stop, (int(hit.sum()),), generator=g)
+    return out
+
+
+def build(cls, levels=S, **over):
+    torch.manual_seed(0)
+    cfg = ModelConfig(d=16, layers=2, heads=2, dropout=0.1, diffurec_T=8, **over)
+    return cls(cfg, DataInfo(n_items=N, levels=[f"b{i}" for i in range(levels)]))
+
+
+@pytest.mark.parametrize("cls", [BERT4Rec, MBT, DiffuRec])
+def test_loss_and_score_shapes(cls):
+    model = build(cls)
+    out = model.loss(make_batch())
+    assert {"loss", "ce"} <= set(out) and out["loss"].dim() == 0 and torch.isfinite(out["loss"])
+    model.eval()
+    scores = model.score(make_batch(eval_rows=True))
+    assert scores.shape == (6, N + 1)
+    assert torch.isinf(scores[:, 0]).all() and torch.isfinite(scores[:, 1:]).all()
+
+
+def test_mbt_merge_sorts_by_time_then_level_with_bos_first_and_padding_last():
+    batch = make_batch(S=3)
+    it, tm, bh = MBT.merge(batch["items"], batch["times"])
+    assert it.shape == (6, 1 + 3 * L)
+    assert (it[:, 0] == 0).all() and (tm[:, 0] == TIME_BOS).all() and (bh[:, 0] == 3).all()
+    real = it > 0
+    assert (real[:, 1:].int().diff(dim=1) <= 0).all()  # padding only after the last event
+    key = torch.where(real, tm * 3 + bh, TIME_PAD)[:, 1:]  # times < 40: the key is exact
+    assert (key.diff(dim=1) >= 0).all()
+    for b in range(6):
+        assert sorted(it[b][real[b]].tolist()) == sorted(batch["items"][b][batch["items"][b] > 0].tolist())
+    assert (bh[~real] == 3).all()
+
+
+@pytest.mark.parametrize("cls", [MBT, DiffuRec])
+def test_left_to_right_outputs_ignore_events_at_or_after_the_target(cls):
+    model = build(cls).eval()
+    batch = make_batch()
+    x_t, t = torch.randn(6, L, 16), torch.randint(1, 9, (6, L))
+
+    def outputs(b):
+        if cls is MBT:
+            return model.user_vectors(b)[0]
+        return model.denoise(*model.encode(b), x_t, t)
+
+    changed = False
+    with torch.no_grad():
+        y = outputs(batch)
+        for k in range(L):
+            y2 = outputs(perturb_from(batch, batch["target_times"][:, k]))
+            valid = batch["targets"][:, k] > 0
+            assert torch.allclose(y[valid, k], y2[valid, k], atol=1e-5)
+            changed |= not torch.allclose(y, y2)
+    assert changed  # the perturbations did reach later targets
+
+
+@pytest.mark.parametrize("cls", [BERT4Rec, MBT, DiffuRec])
+def test_scores_ignore_events_at_or_after_the_target(cls):
+    model = build(cls).eval()
+    batch = make_batch(eval_rows=True)
+    with torch.no_grad():
+        assert torch.equal(model.score(batch), model.score(perturb_from(batch, batch["target_times"][:, 0])))
+
+
+def test_bert4rec_eval_input_is_the_history_before_the_target_then_mask():
+    model = build(BERT4Rec)
+    batch = perturb_from(make_batch(eval_rows=True), torch.full((6,), 20))  # every later event is a FUTURE item
+    x, at = model.eval_input(batch)
+    assert x.shape == (6, L)
+    for b in range(6):
+        deep, tm = batch["items"][b, -1, 1:], batch["times"][b, -1, 1:]
+        before = deep[tm < 20].tolist()[-(L - 1):]
+        assert x[b, :at[b]].tolist() == before
+        assert x[b, at[b]] == model.mask_id and (x[b, at[b] + 1:] == 0).all()
+    assert not any(i in FUTURE for i in x.flatten().tolist())
+    full = make_batch(eval_rows=True)
+    full["times"][:, -1, 1:] = torch.arange(L)  # L events before the target: the oldest one is dropped
+    full["items"][:, -1, 1:] = torch.arange(1, L + 1)
+    x, at = model.eval_input(full)
+    assert (at == L - 1).all() and x[0].tolist() == list(range(2, L + 1)) + [model.mask_id]
+
+
+def test_bert4rec_masks_about_mask_ratio_of_the_events_and_at_least_one():
+    model = build(BERT4Rec, mask_ratio=0.2)
+    model.mask_last_prob = 0.0
+    items = torch.randint(1, N + 1, (2000, 20))
+    items[:, 15:] = 0  # 15 events per row -> 3 masked
+    items[:100, 1:] = 0  # a single event -> masked anyway
+    torch.manual_seed(0)
+    inputs, labels = model.mask_items(items)
+    masked = labels > 0
+    assert torch.equal(masked, inputs == model.mask_id)
+    assert torch.equal(labels[masked], items[masked]) and torch.equal(inputs[~masked], items[~masked])
+    assert (masked.sum(-1)[:100] == 1).all() and (masked.sum(-1)[100:] == 3).all()
+    assert abs(masked[100:].float().mean() * 20 / 15 - 0.2) < 1e-6
+    assert abs(masked[100:, 0].float().mean() - 0.2) < 0.03  # positions are chosen uniformly
+    model.mask_last_prob = 1.0
+    _, labels = model.mask_items(items)
+    assert torch.equal(labels > 0, torch.arange(20) == (items > 0).sum(-1, keepdim=True) - 1)
+
+
+def test_diffurec_sampling_is_seeded():
+    batch = make_batch(eval_rows=True)
+    for mode in ("deterministic", "stochastic"):
+        model = build(DiffuRec, eval_mode=mode).eval()
+        with torch.no_grad():
+            a, b = model.score(batch), model.score(batch)
+            model.sample_seed = 1
+            c = model.score(batch)
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_diffurec_schedules_and_strided_steps():
+    for name in ("trunc_lin", "cosine"):
+        for T in (1, 8, 32):
+            betas = diffurec_betas(name, T)
+            assert betas.shape == (T,) and (betas > 0).all() and (betas < 1).all()
+    assert build(DiffuRec).steps == list(range(8, 0, -1))
+    assert build(DiffuRec, inference_steps=3).steps == [8, 5, 1]
+    assert build(DiffuRec, inference_steps=50).steps == list(range(8, 0, -1))
+
+
+@pytest.mark.parametrize("cls", [BERT4Rec, MBT, DiffuRec])
+def test_a_few_steps_of_training_reduce_the_loss_and_reach_every_parameter(cls):
+    model = build(cls, levels=S)
+    batch = make_batch(B=16, seed=3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        opt.zero_grad()
+        loss = model.loss(batch)["loss"]
+        loss.backward()
+        if step == 0:
+            silent = [n for n, p in model.named_parameters()
+                      if (p.grad is None or not p.grad.any()) and ".ln_c." not in n]  # ln_c: cross-attention only
+            assert not silent, silent
+        opt.step()
+        losses.append(loss.item())
+    assert all(map(lambda v: v == v and abs(v) < 1e6, losses))
+    assert sum(losses[-5:]) < sum(losses[:5])

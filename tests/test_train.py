@@ -1,0 +1,133 @@
+"""The trainer: determinism, exact resume, atomic and verified checkpoints, the CLI end to end."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from m3bsr.cli import main
+from m3bsr.config import make_config
+from m3bsr.train import CheckpointError, Trainer, load_checkpoint, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ci_config(tmp_path, **over):
+    return make_config("ci", {"dataset": "synthetic", "cache_dir": str(tmp_path / "cache"), "progress": False,
+                              "model": "sasrec", **over})
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    a = Trainer(ci_config(tmp_path), tmp_path / "a").fit()
+    b = Trainer(ci_config(tmp_path), tmp_path / "b").fit()
+    assert (tmp_path / "a" / "metrics.json").read_text() == (tmp_path / "b" / "metrics.json").read_text()
+    assert a["test"] == b["test"]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    full = Trainer(ci_config(tmp_path, epochs=4, patience=10), tmp_path / "full").fit()
+    # "crash" after two epochs, then resume in the same folder with the full budget
+    cut = Trainer(ci_config(tmp_path, epochs=4, patience=10), tmp_path / "cut")
+    real_epoch, calls = cut.train_epoch, []
+
+    def crash_in_third_epoch():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process dies mid-run; last.pt holds epoch 2
+        return real_epoch()
+
+    cut.train_epoch = crash_in_third_epoch
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 2
+    resumed = Trainer(ci_config(tmp_path, epochs=4, patience=10), tmp_path / "cut").fit(resume=True)
+    assert resumed["test"] == full["test"] and resumed["valid"] == full["valid"]
+    assert (tmp_path / "cut" / "metrics.json").read_text() == (tmp_path / "full" / "metrics.json").read_text()
+
+
+def test_corrupted_or_truncated_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, {"x": list(range(1000))})
+    assert load_checkpoint(path)["x"][-1] == 999
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_checkpoint(path)
+    flipped = bytearray(raw)
+    flipped[-10] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(path)
+    assert not list(tmp_path.glob(".*tmp*")), "no temporary file left behind"
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    Trainer(ci_config(tmp_path, epochs=1), tmp_path / "run").fit()
+    with pytest.raises(CheckpointError, match="another config"):
+        Trainer(ci_config(tmp_path, epochs=1, lr=0.5), tmp_path / "run").fit(resume=True)
+
+
+def test_evaluating_a_checkpoint_twice_is_identical(tmp_path):
+    Trainer(ci_config(tmp_path, epochs=2), tmp_path / "run").fit()
+    assert main(["evaluate", "--run", str(tmp_path / "run")]) == 0
+    from m3bsr.train import evaluate_run
+    first, second = evaluate_run(tmp_path / "run"), evaluate_run(tmp_path / "run")
+    assert first == second
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert first["test"] == saved["test"]
+
+
+def test_all_items_scored_equal_gives_zero_hits(tmp_path):
+    """The popularity model with no training targets scores everything 0: pessimistic ties -> HR = 0."""
+    tr = Trainer(ci_config(tmp_path, model="pop"))
+    tr.model.counts.zero_()
+    m = tr.evaluate("test")
+    assert m["HR@10"] == 0.0 and m["sampled_HR@10"] == 0.0
+
+
+def test_cli_end_to_end_on_synthetic(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "m3bsr", "train", "--dataset", "synthetic", "--model", "sasrec",
+                        "--profile", "ci", "--epochs", "2", "--out", str(out),
+                        "--set", f"cache_dir={tmp_path / 'cache'}"],
+                       capture_output=True, text=True, cwd=tmp_path, env=_env())
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m) >= {"valid", "test"}
+    for k in ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR"):
+        assert 0.0 <= m["test"][k] <= 1.0
+    assert (out / "config.json").exists() and (out / "best.pt").exists() and (out / "history.csv").exists()
+
+
+def test_cli_end_to_end_on_a_generic_csv(tmp_path):
+    from m3bsr.config import DataConfig
+    from m3bsr.data.synthetic import make_synthetic
+    ds = make_synthetic(DataConfig(syn_users=80, syn_items=60, syn_events=30))
+    df = ds.interactions
+    csv = tmp_path / "events.csv"
+    with open(csv, "w") as f:
+        f.write("user_id,item_id,behavior,timestamp\n")
+        for u, i, lv, t in df[["user", "item", "level", "timestamp"]].itertuples(index=False):
+            f.write(f"u{u},i{i},{'view' if lv == 0 else 'buy'},{t}\n")
+    out = tmp_path / "run"
+    assert main(["train", "--data-file", str(csv), "--deep", "buy", "--model", "sasrec-mm", "--profile", "ci",
+                 "--epochs", "1", "--out", str(out), "--set", f"cache_dir={tmp_path / 'cache'}"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["test"]["HR@20"] >= 0
+
+
+def test_cli_reports_bad_input_clearly(tmp_path, capsys):
+    csv = tmp_path / "bad.csv"
+    csv.write_text("user_id,item_id,behavior,timestamp\nu1,i1,view,4\nu1,i1,buy,5\nu1,i1,buy,notatime\n")
+    assert main(["train", "--data-file", str(csv), "--deep", "buy", "--model", "sasrec", "--profile", "ci",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv" in err and "line" in err
+    assert main(["train", "--dataset", "synthetic", "--model", "nope", "--profile", "ci",
+                 "--out", str(tmp_path / "run2")]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+def _env():
+    import os
+    return {**os.environ, "PYTHONPATH": str(REPO / "lib")}
