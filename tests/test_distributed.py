@@ -37,7 +37,10 @@ pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO / "lib"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    e = {**os.environ, "PYTHONPATH": str(REPO / "lib"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if Path("/sys/class/net/lo").exists():  # gloo on loopback, whatever the host name resolves to
+        e.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return e
 
 
 def free_port() -> int:
@@ -95,7 +98,8 @@ def test_sharded_evaluation_equals_single_process_exactly(tmp_path):
     m3bsr(["train", *COMMON, "--epochs", "1", "--set", f"cache_dir={tmp_path / 'cache'}", "--out", str(run)],
           tmp_path)
     single = json.loads(m3bsr(["evaluate", "--run", str(run), "--device", "cpu"], tmp_path).stdout)
-    sharded = json.loads(m3bsr(["evaluate", "--run", str(run), "--device", "cpu"], tmp_path, nproc=2).stdout)
+    # the run folder as a positional: torchrun's parser would take --run for an abbreviation of its --run-path
+    sharded = json.loads(m3bsr(["evaluate", str(run), "--device", "cpu"], tmp_path, nproc=2).stdout)
     assert sharded == single  # exact: the same 32-row batches, dealt round-robin, ranks all-reduced
     saved = json.loads((run / "metrics.json").read_text())
     assert single == {"valid": saved["valid"], "test": saved["test"]}

@@ -12,7 +12,8 @@ from m3bsr.models.base import DataInfo
 from m3bsr.models.diffusion import (ConditionalChain, NoisePredictor, Schedule, cosine_schedule, linear_schedule,
                                     p_step, q_step)
 from m3bsr.models.layers import before_mask
-from m3bsr.models.m3bsr import M3BSR, contrastive_apart, time_mask
+from m3bsr.models.layers import before_mask
+from m3bsr.models.m3bsr import M3BSR, contrastive_apart
 from m3bsr.models.registry import build_model
 
 N_ITEMS, L, D = 30, 6, 16
@@ -157,14 +158,14 @@ def test_chain_modes_and_states():
 # --------------------------------------------------------------------------------------------
 
 
-def test_time_mask_is_strictly_before_plus_bos():
+def test_before_mask_is_strictly_before_plus_bos():
     qt = torch.tensor([[TIME_BOS, 5, 7, TIME_PAD]])
     kt = torch.tensor([[TIME_BOS, 3, 5, 9, TIME_PAD]])
     m = before_mask(qt, kt)[0]
     assert m[1].tolist() == [True, True, False, False, False]  # time 5 sees BOS and 3, not 5
     assert m[2].tolist() == [True, True, True, False, False]
     assert not m[:, 4].any()  # padding keys are never visible
-    tm = time_mask(qt, kt)[0]
+    tm = before_mask(qt, kt)[0]
     assert tm[0].tolist() == [True, False, False, False, False]  # a BOS query sees the BOS key only
     assert torch.equal(tm[1:], m[1:])
 

@@ -1,8 +1,9 @@
-"""Command line: ``python -m m3bsr train | evaluate | stats``.
+"""Command line: ``python -m m3bsr train | evaluate | stats | bench``.
 
     python -m m3bsr train --dataset ml-100k-mm --model m3bsr --profile default --seed 0 --out runs/x
     python -m m3bsr train --data-file my.csv --deep buy --model sasrec --profile ci --out runs/y
     python -m m3bsr evaluate --run runs/x
+    python -m m3bsr bench --size full --device cpu --out results/bench   # performance ratios (bench.py)
     torchrun --nproc_per_node=2 -m m3bsr train ...   # data-parallel (gloo on CPU, nccl on CUDA)
 """
 from __future__ import annotations
@@ -39,13 +40,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue from <out>/last.pt (exactly: the same metrics as an uninterrupted run)")
 
     e = sub.add_parser("evaluate", help="recompute metrics from a run's best checkpoint")
-    e.add_argument("--run", required=True)
+    e.add_argument("run_folder", nargs="?", metavar="RUN", help="the run folder (or --run RUN; under torchrun "
+                   "use this positional form: torchrun's own parser mistakes --run for its --run-path)")
+    e.add_argument("--run")
     e.add_argument("--device", default="auto")
 
     s = sub.add_parser("stats", help="print a dataset's statistics")
     s.add_argument("--dataset", required=True)
     s.add_argument("--data-root")
     s.add_argument("--profile", default="default", choices=sorted(PROFILES))
+
+    b = sub.add_parser("bench", help="M3BSR's throughput, memory, FLOP/s and eval time, side by side (bench.py)")
+    b.add_argument("--size", default="full", choices=["small", "full"], help="small: a < 60 s smoke run")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    b.add_argument("--out", help="output folder (default: results/bench)")
+    b.add_argument("--run", help="a run folder whose best.pt is evaluated (default: train M3BSR briefly)")
+    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    b.add_argument("--repeats", type=int, help="timed repeats per measurement (default: the size's)")
+    b.add_argument("--epochs", type=int, help="epochs of the brief training before the eval measurements")
+    b.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     return p
 
 
@@ -67,7 +80,12 @@ def _config(a: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    p = _parser()
+    a = p.parse_args(argv)
+    if a.command == "evaluate":
+        if (a.run is None) == (a.run_folder is None):
+            p.error("evaluate: give the run folder once, as RUN or --run RUN")
+        a.run = a.run or a.run_folder
     from .train import CheckpointError, Trainer, close_distributed, evaluate_run  # noqa: PLC0415 (torch loads here)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints results
     try:
@@ -80,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate_run(a.run, a.device)
             if main_rank:
                 print(json.dumps(result, indent=2))
+        elif a.command == "bench":
+            from .bench import run_bench  # noqa: PLC0415
+            run_bench(a.size, a.device, a.out, run=a.run, threads=a.threads, repeats=a.repeats, epochs=a.epochs,
+                      bf16=a.bf16)
         elif a.command == "stats":
             from .data.sources import load_dataset  # noqa: PLC0415
             cfg = make_config(a.profile, {"dataset": a.dataset, **({"data_root": a.data_root} if a.data_root else {})})

@@ -1,4 +1,4 @@
-"""Full-ranking metrics with pessimistic ties (``protocol.md``).
+"""Full-ranking metrics with pessimistic ties (``docs/protocol.md``).
 
 rank = 1 + number of *other* items whose score is >= the target's score. A model that gives
 every item the same score therefore ranks the target last and gets HR@K = 0.

@@ -18,7 +18,9 @@ holds no timings; ``history.csv`` does, in its ``seconds`` column).
 
 **Determinism.** The same config and seed on the same device give the same ``metrics.json``;
 evaluation is deterministic, so evaluating one checkpoint twice gives the same numbers. On CUDA
-the trainer turns on ``torch.use_deterministic_algorithms`` (warn-only) for that.
+the trainer sets ``CUBLAS_WORKSPACE_CONFIG`` and ``torch.use_deterministic_algorithms(True,
+warn_only=True)``; kernels with no deterministic version (PyTorch warns about the memory-efficient
+attention backward) keep running, so on CUDA bitwise equality is the rule seen, not a guarantee.
 
 **Distributed data parallel.** Under ``torchrun`` (``WORLD_SIZE`` in the environment) every
 process joins a process group (gloo on CPU, nccl on CUDA, one GPU per local rank) and trains a
@@ -266,7 +268,9 @@ def data_info(ds: Dataset, seq: SequenceData) -> DataInfo:
 
 
 def sampled_negatives(seq: SequenceData, split: str, n: int, cache_dir: Path) -> torch.Tensor:
-    """``(rows, n)`` items the row's user never interacted with, drawn once and saved to disk."""
+    """``(rows, n)`` items the row's user never interacted with, drawn once and saved to disk.
+
+    A user who has seen every item gets negatives from all items but the target."""
     rows = seq.split(split)["users"].numpy()
     path = Path(cache_dir) / f"negatives-{seq.ds.fingerprint()}-{split}-n{n}-seed{NEGATIVES_SEED}.npy"
     if path.exists():
@@ -274,15 +278,24 @@ def sampled_negatives(seq: SequenceData, split: str, n: int, cache_dir: Path) ->
             neg = np.load(path)
             if neg.shape == (len(rows), n):
                 return torch.from_numpy(neg)
-        except (OSError, ValueError):
-            pass  # unreadable: draw again below and overwrite
+        except (OSError, ValueError, EOFError):
+            pass  # unreadable (truncated, corrupted): draw again below and overwrite
     rng = np.random.default_rng(NEGATIVES_SEED)
     neg = np.zeros((len(rows), n), np.int64)
+    targets = seq.split(split)["targets"][:, 0].numpy()
     for r, u in enumerate(rows):
         seen = seq.seen[int(u)]
         pool = np.setdiff1d(np.arange(1, seq.n_items + 1), seen, assume_unique=True)
+        if len(pool) == 0:  # the user has seen every item: any item but the target
+            pool = np.setdiff1d(np.arange(1, seq.n_items + 1), targets[r:r + 1])
+        if len(pool) == 0:
+            raise DataError("a catalogue of one item: no negatives to sample (set sampled_negatives=0)",
+                            file=seq.ds.name)
         neg[r] = rng.choice(pool, size=n, replace=len(pool) < n)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. cache_dir names a file
+        raise DataError(f"cannot use it as the cache folder ({e.strerror})", file=path.parent) from None
     buf = io.BytesIO()
     np.save(buf, neg)
     atomic_write_bytes(path, buf.getvalue())
@@ -353,7 +366,7 @@ def shard_batches(split: dict[str, torch.Tensor], batch_size: int, generator: to
         if len(mine) == 0:
             yield idx[:1], 0.0
             continue
-        yield mine, world * valid[mine].sum().item() / valid[idx].sum().item()
+        yield mine, world * valid[mine].sum().item() / max(valid[idx].sum().item(), 1)
 
 
 # ---------------------------------------------------------------- the trainer
@@ -364,7 +377,8 @@ class Trainer:
     def __init__(self, cfg: Config, out: str | Path | None = None, dataset: Dataset | None = None):
         self.cfg = cfg
         self.out = Path(out) if out is not None else None
-        self.device = resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")) if torchrun_env() else None)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0")) if torchrun_env() else None
+        self.device = resolve_device(cfg.train.device, local_rank)
         if self.device.type == "cuda":  # same seed, same GPU -> same numbers
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)

@@ -65,8 +65,11 @@ def cached(name: str, key_parts: Sequence[bytes | str], compute: Callable[[], di
                 return {k: z[k] for k in z.files}
         except Exception:  # unreadable cache file: recompute below
             pass
+    try:  # before the (slow) compute
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. cache_dir names a file
+        raise DataError(f"cannot use it as the cache folder ({e.strerror})", file=folder) from None
     out = compute()
-    folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -1,6 +1,6 @@
 """Leave-one-out split on the deep behaviour and time-causal padded batches.
 
-The split (``protocol.md``): per user, the last deep event is the test target, the one before
+The split (``docs/protocol.md``): per user, the last deep event is the test target, the one before
 is the validation target, earlier deep events are training targets. Users with fewer than
 ``min_deep`` deep events have no validation/test target; all their deep events train.
 

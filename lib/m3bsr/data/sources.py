@@ -116,13 +116,17 @@ def read_table(path: str | Path, columns: Sequence[str], *, header: bool = True,
 
     header=True: the first line must name every column of ``columns`` (extra columns allowed unless
     ``exact``); a later line equal to the header is an error. header=False: every line has exactly
-    ``len(columns)`` fields, named ``columns``. Blank lines are skipped. Errors (missing or empty
-    file, NUL bytes, undecodable bytes, wrong field counts) raise DataError with the line.
+    ``len(columns)`` fields, named ``columns``. Blank lines are skipped. Errors (missing, unreadable
+    or empty file, NUL bytes, undecodable bytes, duplicated column names, wrong field counts,
+    malformed quoting) raise DataError with the line (physical lines, header included).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError("file not found", file=path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read the file ({e.strerror})", file=path) from None
     if not data.strip():
         raise DataError("file is empty", file=path)
     if b"\x00" in data:
@@ -138,8 +142,13 @@ def read_table(path: str | Path, columns: Sequence[str], *, header: bool = True,
     names = list(columns)
     try:
         if header:
-            names = next(r for r in reader if r)
+            names = next((r for r in reader if r), None)
+            if names is None:
+                raise DataError("no header line (only a byte-order mark or blank lines)", file=path)
             hline = reader.line_num
+            dupes = sorted({c for c in names if names.count(c) > 1})
+            if dupes:
+                raise DataError(f"duplicated column name(s) {dupes} in the header", file=path, line=hline)
             missing = [c for c in columns if c not in names]
             if missing or (exact and len(names) != len(columns)):
                 raise DataError(f"header {names} does not match the expected columns {list(columns)}",
@@ -391,7 +400,8 @@ def load_csv(path: str | Path, deep: str | None, levels: str | None = None,
 
     ``deep``: comma-separated deep behaviours (required unless ``levels``); every other behaviour
     is level 0 ``"shallow"``. ``features``: modality -> (raw item ids ``(n,)``, matrix ``(n, D)``);
-    logged items missing from ``ids`` get a zero row and mask False.
+    ids unique, the matrix real and finite as float32 (else DataError); logged items missing from
+    ``ids`` get a zero row and mask False.
     """
     path = Path(path)
     t = read_table(path, ["user_id", "item_id", "behavior", "timestamp"])
@@ -401,15 +411,39 @@ def load_csv(path: str | Path, deep: str | None, levels: str | None = None,
                                    what=f"{path.name} (column behavior)")
     raw = leveled_events(t.nonempty("user_id"), t.nonempty("item_id"), behaviour, t.ints("timestamp"), sets, names, path)
     ds, _, items = finalize(path.stem, raw, names, file=path)
-    for modality, (ids, matrix) in (features or {}).items():
-        ids, matrix = np.asarray(ids).astype(str), np.asarray(matrix)
-        if matrix.ndim != 2 or matrix.shape[0] != len(ids):
-            raise DataError(f"{modality} features: expected a matrix (n_ids={len(ids)}, D), got shape {matrix.shape}",
-                            file=path)
-        if not np.issubdtype(matrix.dtype, np.number) or not np.isfinite(matrix).all():
-            raise DataError(f"{modality} features: expected finite numbers (NaN/inf or non-numeric found)", file=path)
+    for modality, pair in (features or {}).items():
+        ids, matrix = _feature_pair(modality, pair, path)
         _attach(ds, modality, items, ids, matrix)
     return ds.validate()
+
+
+def _feature_pair(modality: str, pair: Any, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Check one ``(ids (n,), matrix (n, D))`` pair -> (str ids, float32 matrix), else DataError."""
+    what = f"{modality} features"
+    try:
+        ids, matrix = pair
+        ids, matrix = np.asarray(ids), np.asarray(matrix)
+    except (TypeError, ValueError) as e:  # not a pair, or a ragged matrix
+        raise DataError(f"{what}: expected a pair (ids (n,), matrix (n, D)) of arrays ({e})", file=path) from None
+    if ids.ndim != 1:
+        raise DataError(f"{what}: expected ids of shape (n,), got shape {ids.shape}", file=path)
+    if matrix.ndim != 2 or matrix.shape[0] != len(ids) or matrix.shape[1] == 0:
+        raise DataError(f"{what}: expected a matrix of shape (n_ids={len(ids)}, D >= 1), got shape {matrix.shape}",
+                        file=path)
+    if not (np.issubdtype(matrix.dtype, np.integer) or np.issubdtype(matrix.dtype, np.floating)):
+        raise DataError(f"{what}: expected real numbers, got dtype {matrix.dtype}", file=path)
+    with np.errstate(over="ignore"):
+        x = matrix.astype(np.float32)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DataError(f"{what}: NaN/inf (or beyond float32) in row {row} (id {str(ids[row])!r}); expected finite numbers",
+                        file=path)
+    ids = ids.astype(str)
+    dup = pd.Index(ids).duplicated()
+    if dup.any():
+        raise DataError(f"{what}: item id {str(ids[int(np.argmax(dup))])!r} has two rows", file=path)
+    return ids, x
 
 
 def load_dataset(cfg: DataConfig, features: bool = True) -> Dataset:

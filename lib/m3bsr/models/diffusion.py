@@ -1,4 +1,4 @@
-"""Conditional diffusion on embedding sequences (M3BSR, method.md sections 1 and 2).
+"""Conditional diffusion on embedding sequences (M3BSR, docs/method.md sections 1 and 2).
 
 Read top to bottom: the noise schedules, the one-step forward (noising) and reverse (denoising)
 updates, the CI noise predictor (a cross-attention from the noisy stream to the condition), and
@@ -202,7 +202,7 @@ class ChainOutput(NamedTuple):
 
 
 class ConditionalChain(nn.Module):
-    """The T-step conditional denoising chain of method.md section 1 with its own noise predictor.
+    """The T-step conditional denoising chain of docs/method.md section 1 with its own noise predictor.
 
     Config fields used: ``T``, ``schedule``, ``inference_steps`` (eval only, strided, <= T),
     ``eval_mode`` (deterministic: eps = 0 | stochastic: eps from a generator seeded with ``seed``

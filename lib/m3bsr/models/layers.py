@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.sequences import TIME_PAD
+from ..data.sequences import TIME_BOS, TIME_PAD
 
 MAX_POSITIONS = 512  # longest stream (max_len + 1) a positional table supports
 
@@ -56,9 +56,15 @@ class Block(nn.Module):
         self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, c: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, c: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, L, d)`` -> ``(B, L, d)``; with ``rows`` ``(B, K)``: only the queries at those positions,
+        ``(B, K, d)`` (keys and values still come from every position; ``mask`` is the full one)."""
         h = self.ln1(x)
-        x = x + self.drop(self.att(h, h if c is None else self.ln_c(c), mask))
+        kv = h if c is None else self.ln_c(c)
+        if rows is not None:
+            x, h, mask = gather_positions(x, rows), gather_positions(h, rows), _mask_rows(mask, rows)
+        x = x + self.drop(self.att(h, kv, mask))
         return x + self.ff(self.ln2(x))
 
 
@@ -70,9 +76,15 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(d, heads, dropout) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        for blk in self.blocks:
-            x = blk(x, mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """With ``rows`` ``(B, K)``: the outputs at those positions only, ``(B, K, d)``, the same values as
+        gathering them from the full output; the last block runs its queries and feed-forward net at
+        those positions alone (with K << L, as in evaluation, about a layer's worth of work less)."""
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, mask, rows=rows if i == last else None)
+        if rows is not None and last < 0:
+            x = gather_positions(x, rows)
         return self.ln(x)
 
 
@@ -84,14 +96,25 @@ def causal_mask(L: int, device=None) -> torch.Tensor:
 def before_mask(q_times: torch.Tensor, k_times: torch.Tensor) -> torch.Tensor:
     """Time-aware mask ``(B, Lq, Lk)``: a query at time tau sees keys strictly before tau.
 
-    Keys at BOS time are always visible, so no row is empty; padded keys are never visible.
+    BOS keys are visible to every query (a BOS query included), so no row is empty; padded keys
+    are never visible.
     """
-    return (k_times[:, None, :] < q_times[:, :, None]) & (k_times[:, None, :] < TIME_PAD)
+    k = k_times[:, None, :]
+    return ((k < q_times[:, :, None]) | (k == TIME_BOS)) & (k < TIME_PAD)
 
 
 def gather_positions(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Pick per-target positions: x ``(B, L, d)``, idx ``(B, K)`` -> ``(B, K, d)``."""
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _mask_rows(mask: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    """The query rows ``rows`` ``(B, K)`` of a mask ``(Lq, Lk)`` or ``(B, Lq, Lk)`` -> ``(B, K, Lk)``."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return mask[rows]
+    return mask.gather(1, rows[..., None].expand(-1, -1, mask.shape[-1]))
 
 
 class FeatureProjection(nn.Module):

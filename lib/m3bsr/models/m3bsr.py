@@ -12,7 +12,7 @@
 
 Time causality (protocol): a target at time tau only ever sees events strictly before tau. Every
 stream runs causally (position i sees positions j <= i of its own level); a query of a shallower level
-at time tau sees deeper-level events strictly before tau (:func:`time_mask`); each expert is read at
+at time tau sees deeper-level events strictly before tau (:func:`~m3bsr.models.layers.before_mask`); each expert is read at
 the history index of its level (:func:`~m3bsr.data.sequences.history_index`), so all K targets of
 a row train in one pass. Method details and the flags for every choice: ``docs/method.md``.
 """
@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import CHOICES, ConfigError, ModelConfig
-from ..data.sequences import TIME_BOS, history_index
+from ..data.sequences import history_index
 from .base import DataInfo, Recommender
 from .diffusion import ConditionalChain
 from .layers import MAX_POSITIONS, Attention, FeatureProjection, Transformer, before_mask, causal_mask
@@ -33,15 +33,6 @@ from .layers import MAX_POSITIONS, Attention, FeatureProjection, Transformer, be
 log = logging.getLogger(__name__)
 
 FEATURE_MODALITIES = ("image", "text")
-
-
-def time_mask(q_times: torch.Tensor, k_times: torch.Tensor) -> torch.Tensor:
-    """``(B, Lq, Lk)``: a query at time tau sees keys strictly before tau, and every BOS key.
-
-    :func:`~m3bsr.models.layers.before_mask` plus the BOS keys for every query (a BOS query has
-    time TIME_BOS and would otherwise see nothing).
-    """
-    return before_mask(q_times, k_times) | (k_times == TIME_BOS)[:, None, :]
 
 
 def level_weights(valid: torch.Tensor) -> torch.Tensor:
@@ -254,7 +245,7 @@ class M3BSR(Recommender):
             deeper = [self._cdbd_condition_levels(s, S) for s in levels]
             q_times = torch.cat([times[:, s] for s in levels], 0)
             c_times = torch.cat([torch.cat([times[:, l] for l in ls] * n_cond, 1) for ls in deeper], 0)
-            mask = time_mask(q_times, c_times)
+            mask = before_mask(q_times, c_times)
             weight = level_weights(valid[:, levels]).transpose(0, 1).reshape(len(levels) * B, L1)
             for m in self.modalities:
                 cm = [m] if self.cfg.cdbd_condition == "same" else self.modalities
@@ -279,9 +270,12 @@ class M3BSR(Recommender):
         """Pooled interests ``(B, K, E, d)``: the S*M specific experts (level-major, modality order
         of ``self.modalities``), then the common expert when present.
 
-        ``idx`` ``(B, S, K)``: per level, the last position strictly before each target.
+        ``idx`` ``(B, S, K)``: per level, the last position strictly before each target. In eval the
+        Transformers' last blocks run at those positions only (``rows``: the same values, less work
+        when K << L; training keeps the full pass, so its dropout draws are unchanged).
         """
         B, S, L1, d = h["id"].shape
+        K = idx.shape[-1]
         M = len(self.modalities)
         x = {m: h[m] + self.pos.weight[:L1].to(h[m].dtype) for m in self.modalities}
         causal = causal_mask(L1, times.device)
@@ -289,24 +283,32 @@ class M3BSR(Recommender):
         # specific experts: h^m_b = Transformer_m(h^m_b), causal, read at the level's history index
         if self.cfg.shared_specific:
             pooled = {}
+            rows = None if self.training else idx.reshape(B * S, K)
             for m in self.modalities:
-                y = self.specific[m](x[m].reshape(B * S, L1, d), causal).view(B, S, L1, d)
-                pooled[m] = y.gather(2, idx[..., None].expand(-1, -1, -1, d))  # (B, S, K, d)
+                y = self.specific[m](x[m].reshape(B * S, L1, d), causal, rows)
+                if rows is None:
+                    y = y.view(B, S, L1, d).gather(2, idx[..., None].expand(-1, -1, -1, d))
+                pooled[m] = y.view(B, S, K, d)
             out = [pooled[m][:, s] for s in range(S) for m in self.modalities]
         else:
             for s in range(S):
                 for m in self.modalities:
-                    y = self.specific[f"{s}/{m}"](x[m][:, s], causal)
-                    out.append(y.gather(1, idx[:, s, :, None].expand(-1, -1, d)))
+                    y = self.specific[f"{s}/{m}"](x[m][:, s], causal, None if self.training else idx[:, s])
+                    out.append(y.gather(1, idx[:, s, :, None].expand(-1, -1, d)) if self.training else y)
         # common expert: h^share = CrossAttention([h_cl], [h_fa]); h_common = Transformer(h^share)
         if self.common is not None:
             q = torch.cat([x[m][:, 0] + self.type_emb[i].to(x[m].dtype) for i, m in enumerate(self.modalities)], 1)
             k = torch.cat([x[m][:, -1] + self.type_emb[i].to(x[m].dtype) for i, m in enumerate(self.modalities)], 1)
-            mask = time_mask(times[:, 0].repeat(1, M), times[:, -1].repeat(1, M))
+            mask = before_mask(times[:, 0].repeat(1, M), times[:, -1].repeat(1, M))
             share = q + self.drop(self.common_cross(self.ln_cl(q), self.ln_fa(k), mask))
             pos = torch.arange(L1, device=times.device).repeat(M)
-            y = self.common(share, pos[None, :] <= pos[:, None]).view(B, M, L1, d)  # token (m, i) sees (m', j <= i)
-            out.append(y.gather(2, idx[:, 0][:, None, :, None].expand(-1, M, -1, d)).mean(1))
+            rows = idx[:, 0][:, None, :] + L1 * torch.arange(M, device=times.device)[None, :, None]  # tokens (m, idx)
+            if self.training:
+                y = self.common(share, pos[None, :] <= pos[:, None])  # token (m, i) sees (m', j <= i)
+                y = y.gather(1, rows.reshape(B, M * K, 1).expand(-1, -1, d))
+            else:
+                y = self.common(share, pos[None, :] <= pos[:, None], rows.reshape(B, M * K))
+            out.append(y.view(B, M, K, d).mean(1))
         return torch.stack(out, 2)
 
     def route(self, z: torch.Tensor) -> torch.Tensor:
