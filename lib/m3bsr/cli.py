@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     b.add_argument("--repeats", type=int, help="timed repeats per measurement (default: the size's)")
     b.add_argument("--epochs", type=int, help="epochs of the brief training before the eval measurements")
+    b.add_argument("--batch", type=int, help="rows of the training batch (default: the size's, full: 256)")
     b.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     return p
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         elif a.command == "bench":
             from .bench import run_bench  # noqa: PLC0415
             run_bench(a.size, a.device, a.out, run=a.run, threads=a.threads, repeats=a.repeats, epochs=a.epochs,
-                      bf16=a.bf16)
+                      batch_size=a.batch, bf16=a.bf16)
         elif a.command == "stats":
             from .data.sources import load_dataset  # noqa: PLC0415
             cfg = make_config(a.profile, {"dataset": a.dataset, **({"data_root": a.data_root} if a.data_root else {})})

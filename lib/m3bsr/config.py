@@ -72,7 +72,7 @@ class ModelConfig:
     lambda_c: float = 0.1
     lambda_m: float = 0.1
     lambda_b: float = 0.1
-    tie_weights: bool = False  # prediction layer W tied to the ID embedding table
+    tie_weights: bool = True  # prediction W tied to the ID embedding table (+ bias); chosen on validation
     # baselines
     mask_ratio: float = 0.2  # BERT4Rec
     diffurec_T: int = 32  # DiffuRec's default steps

@@ -21,6 +21,7 @@ from .data.schema import Dataset
 
 DATASETS = tuple(d for d in CHOICES["dataset"] if d != "csv")  # the named sources a notebook can load
 DPI = 110
+POSTER_DPI = 92  # the ML posters are 92 px wide thumbnails
 PNG_METADATA = {"Software": None}
 PDF_METADATA = {"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None}
 
@@ -82,12 +83,13 @@ def output_dir(path: str | Path | None, default: str) -> Path:
     return p
 
 
-def save_figure(fig, name: str, folder: str | Path) -> list[Path]:
-    """Write ``<folder>/<name>.png`` and ``.pdf`` with fixed metadata (byte-identical on re-runs)."""
+def save_figure(fig, name: str, folder: str | Path, dpi: int | None = None) -> list[Path]:
+    """Write ``<folder>/<name>.png`` (at ``dpi``, default the figure's) and ``.pdf`` with fixed
+    metadata, so that re-running a notebook rewrites byte-identical files."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     png, pdf = folder / f"{name}.png", folder / f"{name}.pdf"
-    fig.savefig(png, dpi=DPI, bbox_inches="tight", metadata=PNG_METADATA)
+    fig.savefig(png, dpi=dpi or fig.dpi, bbox_inches="tight", metadata=PNG_METADATA)
     fig.savefig(pdf, bbox_inches="tight", metadata=PDF_METADATA)
     return [png, pdf]
 
@@ -311,11 +313,13 @@ def feature_table(datasets: Iterable[Dataset], k: int = 10) -> pd.DataFrame:
 
 
 def poster_grid(paths: Sequence[Sequence[Path | None]], titles: Sequence[Sequence[str]], row_labels: Sequence[str] = ()):
-    """A grid of images (``paths[r][c]``; None = blank) with a short title under each."""
+    """A grid of images (``paths[r][c]``; None = blank) with a short title under each.
+
+    One inch per column at ``POSTER_DPI`` = the posters' own width (92 px): no upsampling, small files."""
     from PIL import Image  # noqa: PLC0415
     plt = _plt()
     R, C = len(paths), max(len(r) for r in paths)
-    fig, axes = plt.subplots(R, C, figsize=(1.35 * C, 2.25 * R), squeeze=False)
+    fig, axes = plt.subplots(R, C, figsize=(1.0 * C, 1.75 * R), squeeze=False, dpi=POSTER_DPI)
     for r in range(R):
         for c in range(C):
             ax = axes[r, c]
@@ -325,7 +329,7 @@ def poster_grid(paths: Sequence[Sequence[Path | None]], titles: Sequence[Sequenc
                 with Image.open(p) as im:
                     ax.imshow(np.asarray(im.convert("RGB")))
             if c < len(titles[r]):
-                ax.set_title(titles[r][c], fontsize=6, y=-0.2, wrap=True)
+                ax.set_title(titles[r][c], fontsize=5, y=-0.18)
         if r < len(row_labels):
             axes[r, 0].text(-0.15, 0.5, row_labels[r], transform=axes[r, 0].transAxes, rotation=90,
                             va="center", ha="right", fontsize=7)
@@ -394,7 +398,8 @@ def plot_metric_bars(results: pd.DataFrame, metric: str = "NDCG@10", split: str 
     for ax, name in zip(axes[0], names):
         g = df[df["dataset"] == name].groupby("model", sort=False)[metric]
         mean, std = g.mean(), g.std(ddof=1).fillna(0.0)
-        ax.bar(list(mean.index), mean.to_numpy(), yerr=std.to_numpy(), color="tab:blue", capsize=3)
+        ax.bar(list(mean.index), mean.to_numpy(), yerr=std.to_numpy() if (std > 0).any() else None,
+               color="tab:blue", capsize=3)
         ax.set(title=name, ylabel=f"{split} {metric}")
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
@@ -471,7 +476,9 @@ def _int_locator():
 
 def plot_attention(maps: dict[str, np.ndarray], xlabel: str = "condition position", ylabel: str = "query position",
                    ncols: int = 2):
-    """One heatmap per entry (``(Lq, Lc)`` attention weights, rows sum to 1), ``ncols`` per row."""
+    """One heatmap per entry (``(Lq, Lc)`` attention weights, rows sum to 1), ``ncols`` per row;
+    square-root colour scale so that small weights stay visible next to a dominant one."""
+    from matplotlib.colors import PowerNorm  # noqa: PLC0415
     plt = _plt()
     nrows = -(-len(maps) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.3 * nrows), squeeze=False)
@@ -479,32 +486,39 @@ def plot_attention(maps: dict[str, np.ndarray], xlabel: str = "condition positio
     for ax in axes.flat[len(maps):]:
         ax.set_axis_off()
     for ax, (title, w) in zip(axes.flat, maps.items()):
-        im = ax.imshow(w, cmap="viridis", vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
+        im = ax.imshow(w, cmap="viridis", norm=PowerNorm(0.5, vmin=0, vmax=vmax), aspect="auto", interpolation="nearest")
         ax.set_title(title, fontsize=9)
+        ax.xaxis.set_major_locator(_int_locator())
+        ax.yaxis.set_major_locator(_int_locator())
         ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.grid(False)
     fig.tight_layout()
-    fig.colorbar(im, ax=list(axes.flat), fraction=0.03, label="attention weight")
+    fig.colorbar(im, ax=list(axes.flat), fraction=0.03, label="attention weight (sqrt scale)")
     return fig
 
 
-def plot_click_denoising(df: pd.DataFrame, value: str, by: str = "click", hue: str = "model"):
-    """Box plots of ``value`` per ``by`` category, one box per ``hue`` value side by side."""
+def plot_click_denoising(df: pd.DataFrame, value: str, by: str = "click", hue: str = "stage", panel: str = "modality"):
+    """Box plots of ``value``: one panel per ``panel`` value, groups by ``by``, one box per ``hue`` value."""
     plt = _plt()
-    cats, hues = list(dict.fromkeys(df[by])), list(dict.fromkeys(df[hue]))
-    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    panels, cats, hues = (list(dict.fromkeys(df[c])) for c in (panel, by, hue))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.1), squeeze=False, sharey=True)
     w = 0.8 / len(hues)
-    for j, h in enumerate(hues):
-        data = [df.loc[(df[by] == c) & (df[hue] == h), value].to_numpy() for c in cats]
-        pos = np.arange(len(cats)) + (j - (len(hues) - 1) / 2) * w
-        bp = ax.boxplot(data, positions=pos, widths=w * 0.9, patch_artist=True, showfliers=False)
-        for patch in bp["boxes"]:
-            patch.set_facecolor(f"C{j}")
-            patch.set_alpha(0.6)
-        ax.plot([], [], color=f"C{j}", lw=6, alpha=0.6, label=h)
-    ax.set_xticks(range(len(cats)), cats)
-    ax.set(ylabel=value)
-    ax.legend(fontsize=8)
+    for ax, p in zip(axes[0], panels):
+        sub = df[df[panel] == p]
+        for j, h in enumerate(hues):
+            data = [sub.loc[(sub[by] == c) & (sub[hue] == h), value].to_numpy() for c in cats]
+            pos = np.arange(len(cats)) + (j - (len(hues) - 1) / 2) * w
+            bp = ax.boxplot(data, positions=pos, widths=w * 0.9, patch_artist=True, showfliers=False,
+                            medianprops={"color": "k"})
+            for patch in bp["boxes"]:
+                patch.set_facecolor(f"C{j}")
+                patch.set_alpha(0.6)
+            ax.plot([], [], color=f"C{j}", lw=6, alpha=0.6, label=h)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xticks(range(len(cats)), cats)
+        ax.set_title(str(p))
+    axes[0, 0].set_ylabel(value)
+    axes[0, -1].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -534,26 +548,29 @@ def click_denoising(rec: dict, accidental: np.ndarray, label: str) -> pd.DataFra
 
     ``accidental`` ``(B, L+1)`` bool per click-stream position (ignored at BOS/padding). One row per
     (click, modality): ``shift`` = ||after - before|| / ||before|| (before = after CDMD, after = after
-    CDBD) and the cosine to the user's favor centroid (the mean of the favor stream that conditions
-    CDBD) before and after.
+    CDBD), and the cosine of the click to the user's favor centroid (the mean of the favor stream
+    that conditions CDBD) before and after. Cosines are taken after removing each stage's mean
+    embedding (over all real events of the batch), so an offset shared by every item does not count.
     """
     import torch  # noqa: PLC0415
     import torch.nn.functional as F  # noqa: PLC0415
     valid = rec["valid"]  # (B, S, L+1)
+    fav_valid = valid[:, -1].float()
+    sel = valid[:, 0] & (fav_valid.sum(1) > 0)[:, None]  # real clicks of users with some favor
+    acc = torch.as_tensor(accidental)[sel].numpy()
+
+    def cos_to_favors(h: torch.Tensor) -> torch.Tensor:
+        h = h - h[valid].mean(0)
+        centroid = (h[:, -1] * fav_valid[..., None]).sum(1) / fav_valid.sum(1, keepdim=True).clamp(min=1)
+        return F.cosine_similarity(h[:, 0], centroid[:, None], dim=-1)
+
     rows = []
     for m in rec["modalities"]:
-        before, after = rec["cdmd"][m][:, 0], rec["cdbd"][m][:, 0]  # click level (B, L+1, d)
-        fav, fav_valid = rec["cdmd"][m][:, -1], valid[:, -1].float()
-        centroid = (fav * fav_valid[..., None]).sum(1) / fav_valid.sum(1, keepdim=True).clamp(min=1)
-        shift = (after - before).norm(dim=-1) / before.norm(dim=-1).clamp(min=1e-12)
-        cos_b = F.cosine_similarity(before, centroid[:, None], dim=-1)
-        cos_a = F.cosine_similarity(after, centroid[:, None], dim=-1)
-        sel = valid[:, 0] & (fav_valid.sum(1) > 0)[:, None]
-        acc = torch.as_tensor(accidental)[sel].numpy()
-        rows.append(pd.DataFrame({"model": label, "modality": m,
-                                  "click": np.where(acc, "accidental", "genuine"),
-                                  "shift": shift[sel].numpy(), "cos to favors before": cos_b[sel].numpy(),
-                                  "cos to favors after": cos_a[sel].numpy()}))
+        before, after = rec["cdmd"][m], rec["cdbd"][m]  # (B, S, L+1, d)
+        shift = (after[:, 0] - before[:, 0]).norm(dim=-1) / before[:, 0].norm(dim=-1).clamp(min=1e-12)
+        rows.append(pd.DataFrame({"model": label, "modality": m, "click": np.where(acc, "accidental", "genuine"),
+                                  "shift": shift[sel].numpy(), "cos to favors before": cos_to_favors(before)[sel].numpy(),
+                                  "cos to favors after": cos_to_favors(after)[sel].numpy()}))
     out = pd.concat(rows, ignore_index=True)
     out["cos gain"] = out["cos to favors after"] - out["cos to favors before"]
     return out
@@ -619,3 +636,15 @@ def chain_distance(states, items, clean, valid) -> pd.DataFrame:
         rel = ((h - target).norm(dim=-1) / target.norm(dim=-1).clamp(min=1e-12))[valid]
         rows.append({"step": t, "cosine": float(cos.mean()), "rel_l2": float(rel.mean())})
     return pd.DataFrame(rows)
+
+
+def attention_spread(w) -> float:
+    """Mean normalised entropy of attention rows ``(..., Lq, Lc)``: H(row) / log(#positions it may see),
+    over rows that see at least two positions (masked positions have weight exactly 0).
+    1 = uniform over everything visible, 0 = all weight on one position."""
+    import torch  # noqa: PLC0415
+    w = torch.as_tensor(w).flatten(0, -2).double()
+    k = (w > 0).sum(-1)
+    h = -(w * w.clamp(min=1e-300).log()).sum(-1)
+    keep = k >= 2
+    return float((h[keep] / k[keep].double().log()).mean())

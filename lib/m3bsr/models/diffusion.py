@@ -168,7 +168,7 @@ class NoisePredictor(nn.Module):
         N, Lq, d = x.shape
         u = self.ln_q(x)
         if self.t_proj is not None:
-            u = u + self.t_proj(sinusoidal(torch.full((), t, device=x.device), d)).to(u.dtype)
+            u = u + self.t_proj(sinusoidal(torch.full((), t, device=x.device), d).to(u.dtype)).to(u.dtype)
         q = self.q(u).view(N, Lq, self.h, d // self.h).transpose(1, 2)
         k, v = kv
         if mask is not None and mask.dim() == 3:

@@ -1,0 +1,755 @@
+"""``python -m m3bsr bench``: what M3BSR costs, side by side with its references (issue #6).
+
+Everything runs in one process, on the same batch, at the same d, L, T, so the **ratios** are what
+to read (absolute timings move with the machine's load). Each timing is the median of
+``repeats`` runs after ``warmup`` runs; what a ratio compares is timed in turn within each repeat
+(:func:`median_times`), so a change of load hits both sides. A *train step* is forward +
+backward + one Adam step. Order: memory (fresh processes, first, while this one is small), the
+naive check, throughput and FLOP/s, evaluation, the sweeps.
+
+============================  ===================================================================
+measurement                   how
+============================  ===================================================================
+train_throughput_*            valid targets in the batch / median train-step time (M3BSR, SASRec)
+peak_memory_*                 CUDA: ``torch.cuda.max_memory_allocated`` growth over model + Adam
+                              state + two train steps; CPU: growth of the peak RSS (``VmHWM``,
+                              reset first) over the same, in a fresh spawned process
+                              (tracemalloc cannot see torch's allocations; ``ru_maxrss``
+                              inherits the parent's peak)
+naive_max_abs_diff            :class:`NaiveM3BSR` (same weights) vs M3BSR on one batch in eval
+                              mode: all targets in one pass, and one forward per target (on the
+                              batch's first rows); the bench raises if either differs by > ``TOL``
+train_throughput_naive*       the naive reference's train throughput; ratio = fast / naive
+matmul_*                      the machine's dense matmul FLOP/s: median of a 2048 x 2048 matmul
+m3bsr_achieved_flops          FLOPs of one M3BSR train step (forward + backward) counted by
+                              ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention,
+                              dense: masked halves counted too) / median step time
+eval_*                        full-ranking evaluation of every test user with inference_steps in
+                              {T, T/3, 1} (median time, NDCG@10) after a brief training (or the
+                              best checkpoint of ``--run``)
+step_time_L=* / items=*       M3BSR train step on random full-length batches (every position an
+                              event) against L and against the catalogue size (real sizes and
+                              feature dims, random features)
+============================  ===================================================================
+
+**What "naive" means** (:class:`NaiveM3BSR`): the same equations and parameters, written the
+obvious way: item encoders applied per looked-up position; one chain call per (level,
+modality), no stacking of levels on the batch axis; every diffusion step recomputes the
+condition's keys and values (LN_c, W_k, W_v) and runs the attention explicitly
+(``softmax(Q K^T / sqrt(d_h) + mask) V``); one specific-expert Transformer call per (level,
+modality). ``train_throughput_naive_loops`` is exactly that, all targets of a row in one pass;
+``train_throughput_naive`` adds **one forward + backward per target position**, each row holding
+only that target's history padded to L+1 (a straightforward implementation that trains one target
+per sequence), timed on a few evenly spaced target positions (each costs the same; throughput =
+targets covered / time).
+
+Writes ``<out>/bench-<size>-<device>.csv`` and ``.md``. ``--size small`` is a smoke run (tiny
+synthetic data, one repeat, well under a minute on 2 cores).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import ctypes
+import gc
+import io
+import json
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import Config, ConfigError, ModelConfig, make_config, repo_root
+from .data.sequences import TIME_BOS, TIME_PAD, SequenceData, history_index
+from .models.base import DataInfo, Recommender
+from .models.diffusion import ConditionalChain
+from .models.layers import before_mask, causal_mask, gather_positions, sinusoidal
+from .models.m3bsr import M3BSR, level_weights
+from .models.registry import build_model
+
+TOL = 1e-9  # max |naive - fast| on the user vectors, compared in float64 (float32 rounding alone is ~1e-4)
+FEATURE_DIMS = {"image": 1280, "text": 384}  # the MovieLens -mm encoders' output sizes
+
+
+@dataclass(frozen=True)
+class Size:
+    """One benchmark size: the data and model of the main measurements, repeats, and the sweeps."""
+
+    dataset: str
+    profile: str
+    batch: int
+    repeats: int
+    warmup: int
+    epochs: int  # brief training before the evaluation measurements
+    naive_positions: int  # target positions timed for the one-forward-per-target reference
+    equal_rows: int  # rows of the batch checked one forward per target
+    sweep_batch: int
+    lengths: tuple[int, ...] = (20, 50, 100, 200)
+    catalogues: tuple[tuple[str, int], ...] = (("ml-100k-mm", 1682), ("ml-latest-small-mm", 9724),
+                                               ("synthetic", 50_000))
+    feature_dims: dict[str, int] = field(default_factory=lambda: dict(FEATURE_DIMS))
+    sweep_overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+SIZES = {
+    # smoke test: tiny synthetic data, one repeat; the sweeps keep their L and catalogue sizes with d=16, T=2
+    "small": Size(dataset="synthetic", profile="ci", batch=16, repeats=1, warmup=0, epochs=1, naive_positions=2,
+                  equal_rows=4, sweep_batch=2, feature_dims={"image": 16, "text": 8},
+                  sweep_overrides=dict(d=16, layers=1, heads=2, T=2),
+                  overrides=dict(syn_users=60, syn_items=120, syn_events=30)),
+    # the issue's setting: d=64, L=50, T=15, batch 256 on ml-100k-mm
+    # (sweeps at batch 32: L=200 at batch 64 peaks above 7 GiB)
+    "full": Size(dataset="ml-100k-mm", profile="default", batch=256, repeats=3, warmup=1, epochs=5,
+                 naive_positions=5, equal_rows=16, sweep_batch=32),
+}
+
+# the measurements every run reports (CUDA adds matmul_bf16)
+MEASUREMENTS = (
+    "train_throughput_sasrec", "train_throughput_m3bsr", "peak_memory_sasrec", "peak_memory_m3bsr",
+    "naive_max_abs_diff", "train_throughput_naive_loops", "train_throughput_naive",
+    "matmul_fp32", "m3bsr_step_flops", "m3bsr_achieved_flops", "sasrec_achieved_flops",
+    "eval_train_seconds", "eval_seconds_T", "eval_seconds_T/3", "eval_seconds_1",
+    "eval_ndcg10_T", "eval_ndcg10_T/3", "eval_ndcg10_1",
+    "step_time_L=20", "step_time_L=50", "step_time_L=100", "step_time_L=200",
+    "step_time_items=1682", "step_time_items=9724", "step_time_items=50000",
+)
+
+
+@dataclass
+class Row:
+    measurement: str
+    value: float
+    unit: str
+    ratio: float | None = None  # the measurement's ratio (what the target bounds)
+    target: str = ""  # e.g. ">= 0.1"; empty when there is none
+    note: str = ""
+
+    @property
+    def met(self) -> str:
+        if not self.target or self.ratio is None:
+            return ""
+        op, bound = self.target.split()
+        return "yes" if {"<=": self.ratio <= float(bound), ">=": self.ratio >= float(bound),
+                         "<": self.ratio < float(bound)}[op] else "no"
+
+
+# ---------------------------------------------------------------------------------------------
+# The naive reference
+# ---------------------------------------------------------------------------------------------
+
+
+def naive_chain(chain: ConditionalChain, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor,
+                weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The T-step chain of docs/method.md section 1, straight from the equations, with ``chain``'s weights.
+
+    ``x`` ``(N, Lq, d)``, ``cond`` ``(N, Lc, d)``, ``mask`` (True = may attend) broadcasting to
+    ``(N, Lq, Lc)``. Training draws eps from the global generator; eval is deterministic (eps = 0).
+    """
+    p, training = chain.predictor, chain.training
+    if not training and chain.eval_mode == "skip":
+        return x, None
+    if not training and chain.eval_mode != "deterministic":
+        raise NotImplementedError("the naive reference evaluates in the deterministic mode only")
+    N, Lq, d = x.shape
+    dh = d // p.h
+    loss = x.new_zeros((), dtype=torch.float32) if training else None
+    h = x
+    for t, a_t, abar_t in chain.schedule.steps(None if training else chain.inference_steps):
+        eps = torch.randn_like(h) if training else torch.zeros_like(h)
+        h_noisy = math.sqrt(a_t) * h + math.sqrt(1 - a_t) * eps  # h~_t
+        k, v = p.kv(p.ln_c(cond)).chunk(2, -1)  # the condition's keys/values, recomputed at every step
+        u = p.ln_q(h_noisy)
+        if p.t_proj is not None:
+            u = u + p.t_proj(sinusoidal(torch.full((), t, device=x.device), d).to(u.dtype))
+        q = p.q(u)
+        y = []
+        for i in range(p.h):  # one head at a time
+            s = slice(i * dh, (i + 1) * dh)
+            att = q[..., s] @ k[..., s].transpose(-1, -2) / math.sqrt(dh)
+            att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+            y.append(att @ v[..., s])
+        eps_hat = u + p.o(torch.cat(y, -1))  # eps^_t = CI(h~_t, h^c)
+        h_den = (h_noisy - (1 - a_t) / math.sqrt(1 - abar_t) * eps_hat) / math.sqrt(a_t)  # h-_t
+        if training:
+            diff = h_noisy - h_den if chain.loss_kind == "paper" else eps - eps_hat
+            sq = diff.float().pow(2).mean(-1)
+            loss = loss + (sq.mean() if weight is None else (sq * weight).sum())
+        h = h_den
+    return h, loss
+
+
+class NaiveM3BSR(M3BSR):
+    """M3BSR written the obvious way (the module docstring says what "naive" means).
+
+    Same parameters and state dict as :class:`~m3bsr.models.m3bsr.M3BSR`, so
+    ``naive.load_state_dict(fast.state_dict())`` gives the same function; only the deterministic
+    evaluation mode is supported for comparisons.
+    """
+
+    def embed(self, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Encoders applied to every looked-up position (no encode-the-catalogue-once shortcut)."""
+        B, S, _ = items.shape
+        h = {}
+        for i, m in enumerate(self.modalities):
+            x = self.id_mlp(self.item(items)) if m == "id" else self.proj[m](items)
+            bos = self.bos[:, i][None, :, None].expand(B, S, 1, -1).to(x.dtype)
+            h[m] = self.drop(self.emb_ln[m](torch.cat([bos, x[:, :, 1:]], 2)))
+        return h
+
+    def modality_denoising(self, h, valid, rec=None):
+        B, S, L1, d = h["id"].shape
+        loss = None
+        for m in self.features:
+            out = []
+            for s in range(S):  # one chain call per (level, modality)
+                mask = causal_mask(L1, valid.device)
+                o, lo = naive_chain(self.cdmd[m], h[m][:, s], h["id"][:, s], mask,
+                                    level_weights(valid[:, s:s + 1])[:, 0])
+                out.append(o)
+                loss = lo if loss is None else loss + lo
+            h[m] = torch.stack(out, 1)
+        return loss
+
+    def behavior_denoising(self, h, times, valid, rec=None):
+        B, S, L1, d = h["id"].shape
+        same = self.cfg.cdbd_condition == "same"
+        new = {m: list(h[m].unbind(1)) for m in self.modalities}
+        loss = None
+        for s in range(S - 1):
+            deeper = self._cdbd_condition_levels(s, S)
+            for m in self.modalities:  # one chain call per (level, modality)
+                cm = [m] if same else self.modalities
+                cond = torch.cat([h[c][:, l] for c in cm for l in deeper], 1)
+                c_times = torch.cat([times[:, l] for l in deeper] * len(cm), 1)
+                mask = before_mask(times[:, s], c_times)
+                new[m][s], lo = naive_chain(self.cdbd[m], h[m][:, s], cond, mask, level_weights(valid[:, s:s + 1])[:, 0])
+                loss = lo if loss is None else loss + lo
+        for m in self.modalities:
+            h[m] = torch.stack(new[m], 1)
+        return loss
+
+    def experts(self, h, times, idx):
+        B, S, L1, d = h["id"].shape
+        M = len(self.modalities)
+        x = {m: h[m] + self.pos.weight[:L1] for m in self.modalities}
+        causal = causal_mask(L1, times.device)
+        out = []
+        for s in range(S):  # one specific-expert call per (level, modality)
+            for m in self.modalities:
+                tf = self.specific[m if self.cfg.shared_specific else f"{s}/{m}"]
+                out.append(gather_positions(tf(x[m][:, s], causal), idx[:, s]))
+        if self.common is not None:
+            q = torch.cat([x[m][:, 0] + self.type_emb[i] for i, m in enumerate(self.modalities)], 1)
+            k = torch.cat([x[m][:, -1] + self.type_emb[i] for i, m in enumerate(self.modalities)], 1)
+            mask = before_mask(times[:, 0].repeat(1, M), times[:, -1].repeat(1, M))
+            share = q + self.drop(self.common_cross(self.ln_cl(q), self.ln_fa(k), mask))
+            pos = torch.arange(L1, device=times.device).repeat(M)
+            y = self.common(share, pos[None, :] <= pos[:, None]).view(B, M, L1, d)
+            out.append(torch.stack([gather_positions(y[:, i], idx[:, 0]) for i in range(M)], 1).mean(1))
+        return torch.stack(out, 2)
+
+
+def one_target_batches(batch: dict[str, torch.Tensor], positions: list[int] | None = None):
+    """Yield ``(k, sub-batch)``: target position k alone, each row holding only that target's history
+    (its events strictly before the target; the later positions become padding, the length stays
+    L+1), what a one-target-per-sequence implementation feeds. Positions without targets are skipped."""
+    K, L1 = batch["targets"].shape[1], batch["items"].shape[-1]
+    for k in positions if positions is not None else range(K):
+        if not (batch["targets"][:, k] > 0).any():
+            continue
+        tt = batch["target_times"][:, k:k + 1]
+        later = torch.arange(L1, device=tt.device) > history_index(batch["times"], tt)  # (B, S, L+1)
+        yield k, {"items": batch["items"].masked_fill(later, 0), "times": batch["times"].masked_fill(later, TIME_PAD),
+                  "targets": batch["targets"][:, k:k + 1], "target_times": tt, "users": batch["users"]}
+
+
+@torch.no_grad()
+def naive_max_abs_diff(fast: M3BSR, naive: NaiveM3BSR, batch: dict[str, torch.Tensor], rows: int) -> tuple[float, float]:
+    """Eval-mode max |y_naive - y_fast| over valid targets, on float64 copies of both models (so that
+    only a difference in the math shows): (all targets in one pass on ``batch``, one forward per
+    target on its first ``rows`` rows)."""
+    fast, naive = copy.deepcopy(fast).double().eval(), copy.deepcopy(naive).double().eval()
+    valid = batch["targets"] > 0
+    y = fast.user_vectors(batch)[0]
+    all_pass = (naive.user_vectors(batch)[0] - y)[valid].abs().max().item()
+    sub = {k: v[:rows] for k, v in batch.items()}
+    per = 0.0
+    for k, b in one_target_batches(sub):
+        ok = b["targets"][:, 0] > 0
+        per = max(per, (naive.user_vectors(b)[0][:, 0] - y[:rows, k])[ok].abs().max().item())
+    return all_pass, per
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing, memory, FLOPs
+# ---------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_times(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int,
+                 warmup: int) -> dict[str, float]:
+    """Median wall time (s) of each function over ``repeats`` runs after ``warmup`` runs. Within a
+    repeat the functions run in turn, so a change of load on a shared machine hits them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def release_memory(device: torch.device) -> None:
+    """Hand freed memory back to the system between phases (glibc keeps freed heap pages)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def train_step(model: Recommender, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], bf16: bool) -> None:
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = model.loss(batch)["loss"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def per_target_train_step(model: Recommender, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                          positions: list[int], bf16: bool) -> int:
+    """One forward + backward per target position (gradients accumulated), then one Adam step.
+    Returns the number of valid targets covered."""
+    device = next(model.parameters()).device
+    subs = list(one_target_batches(batch, positions))
+    n = sum(int((b["targets"] > 0).sum()) for _, b in subs)
+    opt.zero_grad(set_to_none=True)
+    for _, b in subs:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model.loss(b)["loss"] * (int((b["targets"] > 0).sum()) / n)
+        loss.backward()
+    opt.step()
+    return n
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count  # noqa: PLC0415
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count  # noqa: PLC0415
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def step_flops(model: Recommender, batch: dict[str, torch.Tensor], bf16: bool) -> int:
+    """FLOPs of one forward + backward, by ``FlopCounterMode`` (plus CPU flash attention, which
+    torch's table lacks)."""
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+    aten = torch.ops.aten
+    extra = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        extra = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+                 aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
+    device = next(model.parameters()).device
+    counter = FlopCounterMode(display=False, custom_mapping=extra)
+    model.train()
+    with counter:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model.loss(batch)["loss"]
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Measured dense matmul FLOP/s: median time of an ``n x n @ n x n`` matmul."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / median_times({"mm": lambda: a @ b}, device, repeats, warmup=2)["mm"]
+
+
+def _rss_kib(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, KiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _memory_child(cfg_dict: dict, info: DataInfo, batch: dict, threads: int) -> float:
+    """In a fresh process: peak RSS growth (MiB) over building the model, Adam, two train steps.
+
+    The peak is the kernel's ``VmHWM``, reset first through ``/proc/self/clear_refs`` (``ru_maxrss``
+    cannot be used: Linux carries the parent's peak over into a spawned child).
+    """
+    torch.set_num_threads(threads)
+    cfg = Config.from_dict(cfg_dict)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    except OSError:
+        pass
+    before = _rss_kib("VmRSS")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, info)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(2):
+        train_step(model, opt, batch, bf16=False)
+    return (_rss_kib("VmHWM") - before) / 1024
+
+
+def peak_memory(cfg: Config, info: DataInfo, batch: dict[str, torch.Tensor], device: torch.device,
+                bf16: bool) -> float:
+    """MiB: model + Adam state + two train steps (see the module docstring for how, per device)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.manual_seed(0)
+        model = build_model(cfg.model, info).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model.train()
+        for _ in range(2):
+            train_step(model, opt, batch, bf16)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del model, opt
+        return peak / 2 ** 20
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        try:
+            return pool.apply(_memory_child, (cfg.to_dict(), info, batch, torch.get_num_threads()))
+        except OSError:  # no /proc (not Linux): no CPU memory measurement
+            return float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def random_info(n_items: int, feature_dims: dict[str, int], n_levels: int = 2, seed: int = 0) -> DataInfo:
+    """A catalogue of ``n_items`` items with random features of the given sizes, ``n_levels`` levels."""
+    g = torch.Generator().manual_seed(seed)
+    feats = {m: torch.randn(n_items + 1, dim, generator=g) for m, dim in feature_dims.items()}
+    masks = {m: torch.arange(n_items + 1) > 0 for m in feature_dims}
+    levels = ["click", "favor"] if n_levels == 2 else [f"level{i}" for i in range(n_levels)]
+    return DataInfo(n_items=n_items, levels=levels, features=feats, feature_mask=masks)
+
+
+def random_batch(B: int, L: int, n_items: int, S: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Training rows in the sequences format with every position an event: BOS, then L events per
+    level at sorted random times; every deep event with some history is a target."""
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(1, n_items + 1, (B, S, L + 1), generator=g)
+    times = torch.randint(0, 20 * L, (B, S, L + 1), generator=g).sort(-1).values
+    items[:, :, 0], times[:, :, 0] = 0, TIME_BOS
+    targets, target_times = items[:, -1, 1:].clone(), times[:, -1, 1:].clone()
+    targets[target_times <= times[:, :, 1].min(1).values[:, None]] = 0
+    return dict(items=items, times=times, targets=targets, target_times=target_times, users=torch.arange(B))
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+@dataclass
+class _Run:
+    """One benchmark run: its device, repeats and the rows measured so far."""
+
+    size: Size
+    device: torch.device
+    repeats: int
+    bf16: bool
+    epochs: int  # brief training before the evaluation measurements
+    log: Callable[[str], None]
+    rows: list[Row] = field(default_factory=list)
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        ratio = f"  ratio {row.ratio:.4g}" if row.ratio is not None else ""
+        target = f"  (target {row.target}: {row.met})" if row.target else ""
+        self.log(f"[{time.perf_counter() - self.t0:6.0f}s] {row.measurement:28s} {row.value:.4g} {row.unit}{ratio}{target}")
+
+    def times(self, fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
+        return median_times(fns, self.device, self.repeats, self.size.warmup)
+
+    def step(self, model: Recommender, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+        """A train-step closure with its own Adam."""
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model.train()
+        return lambda: train_step(model, opt, batch, self.bf16)
+
+
+def run_bench(size: str = "full", device: str = "auto", out: str | Path | None = None, run: str | Path | None = None,
+              threads: int | None = None, repeats: int | None = None, epochs: int | None = None,
+              batch_size: int | None = None, bf16: bool = False, log: Callable[[str], None] = print) -> list[Row]:
+    """Run every measurement, write ``<out>/bench-<size>-<device>.{csv,md}``, return the rows."""
+    from .train import data_info, load_data, resolve_device  # noqa: PLC0415
+
+    sz = SIZES[size]
+    dev = resolve_device(device)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if bf16 and dev.type != "cuda":
+        raise ConfigError("--bf16 is for CUDA (CPU bf16 matmuls are emulated on most CPUs)")
+    r = _Run(sz, dev, repeats if repeats is not None else sz.repeats, bf16,
+             epochs if epochs is not None else sz.epochs, log)
+    out = Path(out) if out is not None else repo_root() / "results" / "bench"
+
+    # the same batch, d, L and T for every model
+    cfg = make_config(sz.profile, {"dataset": sz.dataset, **sz.overrides, "device": str(dev), "bf16": bf16,
+                                   "sampled_negatives": 0, "progress": False})
+    ds = load_data(cfg)
+    seq = SequenceData(ds, cfg.data.max_len, cfg.data.min_deep)
+    info = data_info(ds, seq)
+    n = len(seq.train["users"])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:batch_size or sz.batch]
+    cpu_batch = {k: v[order] for k, v in seq.train.items()}
+    n_targets = int((cpu_batch["targets"] > 0).sum())
+    m = cfg.model
+    setting = f"{ds.name}, batch {len(order)} ({n_targets} targets), d={m.d}, L={cfg.data.max_len}, T={m.T}"
+    log(f"bench {size} on {_device_name(dev)}, {torch.get_num_threads()} threads: {setting}")
+
+    _memory(r, cfg, info, cpu_batch)  # first, while this process is small
+    batch = _to(cpu_batch, dev)
+    _throughput(r, m, info, batch, setting)
+    release_memory(dev)
+    _evaluation(r, cfg, ds, run)
+    release_memory(dev)
+    _sweeps(r, m, cfg.data.max_len if size == "full" else sz.lengths[0])
+
+    header = {"device": _device_name(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "bf16": "on" if bf16 else "off", "size": size, "setting": setting,
+              "repeats": f"median of {r.repeats} after {sz.warmup} warm-up", "seconds": round(time.perf_counter() - r.t0)}
+    paths = write_results(r.rows, header, out, f"bench-{size}-{dev.type}")
+    log(f"wrote {paths[0]} and {paths[1]} ({header['seconds']} s)")
+    return r.rows
+
+
+def _build(cfg: ModelConfig, info: DataInfo, device: torch.device, name: str = "m3bsr",
+           cls: type[Recommender] | None = None) -> Recommender:
+    c = copy.deepcopy(cfg)
+    c.model = name
+    torch.manual_seed(0)
+    return (cls(c, info) if cls is not None else build_model(c, info)).to(device)
+
+
+def _memory(r: _Run, cfg: Config, info: DataInfo, batch: dict[str, torch.Tensor]) -> None:
+    mem = {}
+    for name in ("sasrec", "m3bsr"):
+        c = copy.deepcopy(cfg)
+        c.model.model = name
+        mem[name] = peak_memory(c, info, _to(batch, r.device), r.device, r.bf16)
+        release_memory(r.device)
+    how = "cuda max_memory_allocated growth" if r.device.type == "cuda" else "peak RSS (VmHWM) growth, fresh process"
+    r.add(Row("peak_memory_sasrec", mem["sasrec"], "MiB", note=f"{how}: model + Adam + 2 train steps"))
+    r.add(Row("peak_memory_m3bsr", mem["m3bsr"], "MiB", mem["m3bsr"] / mem["sasrec"] if mem["sasrec"] >= 1 else None,
+              note=f"{how}; ratio = M3BSR / SASRec (none when SASRec's is below 1 MiB, the resolution)"))
+
+
+def _throughput(r: _Run, m: ModelConfig, info: DataInfo, batch: dict[str, torch.Tensor], setting: str) -> None:
+    """Train throughput of SASRec, M3BSR and the naive reference (timed in turn), FLOP/s."""
+    dev, sz = r.device, r.size
+    n_targets = int((batch["targets"] > 0).sum())
+    sasrec, fast = _build(m, info, dev, "sasrec"), _build(m, info, dev)
+    naive = _build(m, info, dev, cls=NaiveM3BSR)
+    naive.load_state_dict(fast.state_dict())
+    d_all, d_per = naive_max_abs_diff(fast, naive, batch, sz.equal_rows)
+    diff = max(d_all, d_per)
+    r.add(Row("naive_max_abs_diff", diff, "abs", diff, f"<= {TOL}",
+              f"float64, eval mode; all targets in one pass: {d_all:.2g}; one forward per target "
+              f"(first {sz.equal_rows} rows): {d_per:.2g}"))
+    if not diff <= TOL:
+        raise AssertionError(f"the naive reference differs from M3BSR by {diff:.3g} > {TOL}")
+    release_memory(dev)
+
+    K = batch["targets"].shape[1]
+    positions = sorted({round(i) for i in torch.linspace(0, K - 1, sz.naive_positions).tolist()})
+    positions = [k for k in positions if (batch["targets"][:, k] > 0).any()]
+    per_target = sum(int((batch["targets"][:, k] > 0).sum()) for k in positions)
+    opt = torch.optim.Adam(naive.parameters(), lr=1e-3)
+    secs = r.times({"sasrec": r.step(sasrec, batch), "m3bsr": r.step(fast, batch), "naive_loops": r.step(naive, batch),
+                    "naive": lambda: per_target_train_step(naive.train(), opt, batch, positions, r.bf16)})
+    thr = {k: n_targets / v for k, v in secs.items()}
+    thr["naive"] = per_target / secs["naive"]
+    r.add(Row("train_throughput_sasrec", thr["sasrec"], "targets/s", note=setting))
+    r.add(Row("train_throughput_m3bsr", thr["m3bsr"], "targets/s", thr["m3bsr"] / thr["sasrec"], ">= 0.1",
+              "ratio = M3BSR / SASRec"))
+    r.add(Row("train_throughput_naive_loops", thr["naive_loops"], "targets/s", thr["m3bsr"] / thr["naive_loops"],
+              note="naive: per-(level, modality) chains, per-step K/V, explicit attention; all targets in one pass; "
+                   "ratio = fast / naive"))
+    r.add(Row("train_throughput_naive", thr["naive"], "targets/s", thr["m3bsr"] / thr["naive"], ">= 3",
+              f"naive as above, one forward+backward per target position on its history (L+1 long), timed on "
+              f"positions {positions} of {K} ({per_target} targets); ratio = fast / naive"))
+    del naive, opt
+    release_memory(dev)
+
+    peak = {"fp32": matmul_flops(dev, torch.float32)}
+    r.add(Row("matmul_fp32", peak["fp32"] / 1e9, "GFLOP/s", note="2048x2048 fp32 matmul, median of 5"))
+    if dev.type == "cuda":
+        peak["bf16"] = matmul_flops(dev, torch.bfloat16)
+        r.add(Row("matmul_bf16", peak["bf16"] / 1e9, "GFLOP/s", note="2048x2048 bf16 matmul, median of 5"))
+    ref = peak["bf16" if r.bf16 else "fp32"]
+    flops = {"m3bsr": step_flops(fast, batch, r.bf16), "sasrec": step_flops(sasrec, batch, r.bf16)}
+    r.add(Row("m3bsr_step_flops", flops["m3bsr"] / 1e9, "GFLOP", flops["m3bsr"] / flops["sasrec"],
+              note="FlopCounterMode, one forward+backward; ratio = M3BSR / SASRec FLOPs"))
+    for name in ("m3bsr", "sasrec"):
+        ach = flops[name] / secs[name]
+        r.add(Row(f"{name}_achieved_flops", ach / 1e9, "GFLOP/s", ach / ref, ">= 0.25" if name == "m3bsr" else "",
+                  f"counted FLOPs / train-step time; ratio = fraction of the measured {'bf16' if r.bf16 else 'fp32'} "
+                  "matmul FLOP/s"))
+
+
+def _evaluation(r: _Run, cfg: Config, ds, run: str | Path | None) -> None:
+    """Full-ranking evaluation of every test user with inference_steps T, T/3, 1 (timed in turn)."""
+    from .train import Trainer, evaluate  # noqa: PLC0415
+    dev = r.device
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if run is not None:
+        run = Path(run)
+        rcfg = Config.from_dict(json.loads((run / "config.json").read_text()))
+        rcfg.train.device, rcfg.train.sampled_negatives, rcfg.train.progress = str(dev), 0, False
+        trainer = Trainer(rcfg)
+        trainer.out = run
+        trainer.load_best()
+        train_s, how = 0.0, f"loaded {run}/best.pt"
+    else:
+        trainer = Trainer(cfg, dataset=ds)
+        t0 = time.perf_counter()
+        for _ in range(r.epochs):
+            trainer.train_epoch()
+        train_s = time.perf_counter() - t0
+        how = f"trained here: {r.epochs} epoch(s) = {trainer.steps} steps of batch {cfg.train.batch_size}"
+    torch.use_deterministic_algorithms(deterministic)  # the Trainer turns them on under CUDA
+    ecfg = trainer.cfg
+    r.add(Row("eval_train_seconds", train_s, "s", note=f"{ecfg.data.dataset} M3BSR {how}"))
+    T = ecfg.model.T
+    test = trainer.seq.split("test")
+    steps = {"T": T, "T/3": max(1, round(T / 3)), "1": 1}
+    ndcg: dict[str, float] = {}
+    hr: dict[str, float] = {}
+
+    def scorer(label: str, n: int) -> Callable[[], None]:
+        c = copy.deepcopy(ecfg.model)
+        c.inference_steps = n
+        model = build_model(c, trainer.info).to(dev)
+        model.load_state_dict(trainer.model.state_dict())
+
+        def score() -> None:
+            res = evaluate(model, test, dev, batch_size=ecfg.train.eval_batch_size, mask_seen=ecfg.train.mask_seen,
+                           bf16=r.bf16)
+            ndcg[label], hr[label] = res["NDCG@10"], res["HR@10"]
+        return score
+
+    secs = r.times({label: scorer(label, n) for label, n in steps.items()})
+    n_users = len(test["users"])
+    users = f"{n_users} test users, batches of {ecfg.train.eval_batch_size}"
+    for label, n in steps.items():
+        first = label == "T"
+        r.add(Row(f"eval_seconds_{label}", secs[label], "s", secs[label] if first else secs["T"] / secs[label],
+                  {"T": "< 10", "T/3": ">= 2.5"}.get(label, ""),
+                  f"{users}, inference_steps={n}" + ("" if first else "; ratio = speed-up over T")))
+    for label, n in steps.items():
+        loss = (ndcg["T"] - ndcg[label]) / ndcg["T"] if label != "T" and ndcg["T"] > 0 else None
+        se = math.sqrt(max(hr[label] - ndcg[label] ** 2, 0.0) / n_users)  # per-user NDCG@10 in [0, 1], 0 unless a hit
+        r.add(Row(f"eval_ndcg10_{label}", ndcg[label], "NDCG@10", loss, "<= 0.02" if label == "T/3" else "",
+                  f"inference_steps={n}, standard error <= {se:.2g} (sqrt((HR@10 - NDCG@10^2) / users))"
+                  + ("" if label == "T" else "; ratio = relative loss vs T")))
+
+
+def _sweeps(r: _Run, m: ModelConfig, L_items: int) -> None:
+    """M3BSR train-step time against L and against the catalogue size, random full-length batches."""
+    sz, dev = r.size, r.device
+    sweep = copy.deepcopy(m)
+    for k, v in sz.sweep_overrides.items():
+        setattr(sweep, k, v)
+
+    def step_time(info: DataInfo, L: int) -> float:
+        model = _build(sweep, info, dev)
+        s = r.times({"step": r.step(model, _to(random_batch(sz.sweep_batch, L, info.n_items), dev))})["step"]
+        del model
+        release_memory(dev)
+        return s
+
+    what = f"M3BSR train step, random batch {sz.sweep_batch} x full length, d={sweep.d}, T={sweep.T}"
+    n0 = sz.catalogues[0][1]
+    info = random_info(n0, sz.feature_dims)
+    first = None
+    for L in sz.lengths:
+        s = step_time(info, L)
+        first = first or s
+        r.add(Row(f"step_time_L={L}", s * 1e3, "ms", s / first, note=f"{what}, {n0} items; ratio vs L={sz.lengths[0]}"))
+    first = None
+    for name, n_items in sz.catalogues:
+        s = step_time(random_info(n_items, sz.feature_dims), L_items)
+        first = first or s
+        r.add(Row(f"step_time_items={n_items}", s * 1e3, "ms", s / first,
+                  note=f"{what}, L={L_items}, {name}-sized catalogue, random features {sz.feature_dims}; "
+                       f"ratio vs {n0} items"))
+
+
+def write_results(rows: list[Row], header: dict[str, Any], out: Path, stem: str) -> tuple[Path, Path]:
+    """``<out>/<stem>.csv`` (one line per row, header fields as ``#`` comments) and ``<stem>.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    device = header["device"]
+    buf = io.StringIO()
+    for k, v in header.items():
+        buf.write(f"# {k}: {v}\n")
+    w = csv.writer(buf)
+    w.writerow(["measurement", "value", "unit", "ratio", "target", "met", "device", "note"])
+    for r in rows:
+        w.writerow([r.measurement, f"{r.value:.6g}", r.unit, "" if r.ratio is None else f"{r.ratio:.4g}",
+                    r.target, r.met, device, r.note])
+    csv_path = out / f"{stem}.csv"
+    csv_path.write_text(buf.getvalue())
+    lines = [f"# M3BSR benchmark ({header['size']})", ""]
+    lines += [f"- **{k}**: {v}" for k, v in header.items() if k != "size"]
+    lines += ["", "| measurement | value | unit | ratio | target | met | device | note |",
+              "|---|---:|---|---:|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.measurement} | {r.value:.4g} | {r.unit} | {'' if r.ratio is None else f'{r.ratio:.3g}'} | "
+                     f"{r.target} | {r.met} | {device} | {r.note} |")
+    md_path = out / f"{stem}.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path

@@ -1,0 +1,59 @@
+"""The benchmark: the smoke run writes every measurement, and its naive reference is the same function."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from m3bsr.bench import MEASUREMENTS, TOL, NaiveM3BSR, naive_max_abs_diff, random_batch, random_info
+from m3bsr.cli import main
+from m3bsr.config import ModelConfig
+from m3bsr.models.m3bsr import M3BSR
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors on a shared machine: one thread avoids stalls (the bench takes --threads too)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_small_bench_writes_csv_and_markdown_with_every_measurement(tmp_path):
+    assert main(["bench", "--size", "small", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)]) == 0
+    csv_path, md_path = tmp_path / "bench-small-cpu.csv", tmp_path / "bench-small-cpu.md"
+    lines = [line for line in csv_path.read_text().splitlines() if not line.startswith("#")]
+    rows = {r["measurement"]: r for r in csv.DictReader(lines)}
+    md = md_path.read_text()
+    for name in MEASUREMENTS:
+        assert name in rows, name
+        assert f"| {name} |" in md, name
+        float(rows[name]["value"])  # a number, not an error string
+    assert float(rows["naive_max_abs_diff"]["value"]) <= TOL
+    assert "torch" in md and "threads" in md and "bf16" in md
+
+
+@pytest.mark.parametrize("kw, levels", [
+    ({}, 2),
+    (dict(cdbd_condition="concat", cdbd_deeper="all", shared_specific=False, time_embedding=True), 3),
+    (dict(modalities="id", router="softmax"), 2),
+])
+def test_naive_reference_equals_the_fast_model(kw, levels):
+    cfg = ModelConfig(model="m3bsr", d=16, layers=1, heads=2, dropout=0.1, T=4, inference_steps=3, **kw)
+    info = random_info(40, {"image": 12, "text": 8}, n_levels=levels)
+    batch = random_batch(5, 9, 40, S=levels, seed=1)
+    batch["items"][1, :, 6:] = 0  # a shorter row: padding at the end of every level
+    batch["times"][1, :, 6:] = 2 ** 62
+    batch["targets"][1, 5:] = 0
+    torch.manual_seed(0)
+    fast = M3BSR(cfg, info)
+    naive = NaiveM3BSR(cfg, info)
+    naive.load_state_dict(fast.state_dict())
+    all_pass, per_target = naive_max_abs_diff(fast, naive, batch, rows=5)
+    assert all_pass <= TOL and per_target <= TOL
+    # and the naive model trains (its own loss, gradients to the shared parameters)
+    naive.train()
+    naive.loss(batch)["loss"].backward()
+    assert naive.cdmd is None or naive.cdmd["image"].predictor.kv.weight.grad is not None
