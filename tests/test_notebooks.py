@@ -50,16 +50,8 @@ def test_one_parameters_cell_first_with_the_common_parameters(path):
     assert "viz.check_" in after.source, "the cell after the parameters validates them"
 
 
-# Notebooks whose committed copy does not yet carry a complete default-profile run. The check
-# below is skipped for them (visibly) until `make reproduce` output is committed; remove a name
-# from this set when its executed notebook lands.
-NOT_YET_EXECUTED = {"03_training"}
-
-
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
 def test_committed_notebook_carries_default_profile_outputs(path):
-    if path.stem in NOT_YET_EXECUTED:
-        pytest.skip(f"{path.name}: committed outputs of a default-profile run are still missing")
     nb = nbformat.read(path, as_version=4)
     cells = code_cells(nb)
     assert all(c.execution_count is not None for c in cells), "executed top to bottom (make reproduce)"
