@@ -494,7 +494,8 @@ def _device_name(device: torch.device) -> str:
 
 @dataclass
 class _Run:
-    """One benchmark run: its device, repeats and the rows measured so far."""
+    """One benchmark run: its device, repeats and the rows measured so far (saved after every row,
+    so an interrupted run keeps what it measured)."""
 
     size: Size
     device: torch.device
@@ -502,6 +503,8 @@ class _Run:
     bf16: bool
     epochs: int  # brief training before the evaluation measurements
     log: Callable[[str], None]
+    out: Path
+    header: dict[str, Any] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
     t0: float = field(default_factory=time.perf_counter)
 
@@ -510,6 +513,11 @@ class _Run:
         ratio = f"  ratio {row.ratio:.4g}" if row.ratio is not None else ""
         target = f"  (target {row.target}: {row.met})" if row.target else ""
         self.log(f"[{time.perf_counter() - self.t0:6.0f}s] {row.measurement:28s} {row.value:.4g} {row.unit}{ratio}{target}")
+        self.save()
+
+    def save(self) -> tuple[Path, Path]:
+        self.header["seconds"] = round(time.perf_counter() - self.t0)
+        return write_results(self.rows, self.header, self.out, f"bench-{self.header['size']}-{self.device.type}")
 
     def times(self, fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
         return median_times(fns, self.device, self.repeats, self.size.warmup)
@@ -533,9 +541,8 @@ def run_bench(size: str = "full", device: str = "auto", out: str | Path | None =
         torch.set_num_threads(threads)
     if bf16 and dev.type != "cuda":
         raise ConfigError("--bf16 is for CUDA (CPU bf16 matmuls are emulated on most CPUs)")
-    r = _Run(sz, dev, repeats if repeats is not None else sz.repeats, bf16,
-             epochs if epochs is not None else sz.epochs, log)
-    out = Path(out) if out is not None else repo_root() / "results" / "bench"
+    r = _Run(sz, dev, repeats if repeats is not None else sz.repeats, bf16, epochs if epochs is not None else sz.epochs,
+             log, Path(out) if out is not None else repo_root() / "results" / "bench")
 
     # the same batch, d, L and T for every model
     cfg = make_config(sz.profile, {"dataset": sz.dataset, **sz.overrides, "device": str(dev), "bf16": bf16,
@@ -550,6 +557,9 @@ def run_bench(size: str = "full", device: str = "auto", out: str | Path | None =
     m = cfg.model
     setting = f"{ds.name}, batch {len(order)} ({n_targets} targets), d={m.d}, L={cfg.data.max_len}, T={m.T}"
     log(f"bench {size} on {_device_name(dev)}, {torch.get_num_threads()} threads: {setting}")
+    r.header.update({"device": _device_name(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "bf16": "on" if bf16 else "off", "size": size, "setting": setting,
+                     "repeats": f"median of {r.repeats} after {sz.warmup} warm-up"})
 
     _memory(r, cfg, info, cpu_batch)  # first, while this process is small
     batch = _to(cpu_batch, dev)
@@ -559,11 +569,8 @@ def run_bench(size: str = "full", device: str = "auto", out: str | Path | None =
     release_memory(dev)
     _sweeps(r, m, cfg.data.max_len if size == "full" else sz.lengths[0])
 
-    header = {"device": _device_name(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "bf16": "on" if bf16 else "off", "size": size, "setting": setting,
-              "repeats": f"median of {r.repeats} after {sz.warmup} warm-up", "seconds": round(time.perf_counter() - r.t0)}
-    paths = write_results(r.rows, header, out, f"bench-{size}-{dev.type}")
-    log(f"wrote {paths[0]} and {paths[1]} ({header['seconds']} s)")
+    paths = r.save()
+    log(f"wrote {paths[0]} and {paths[1]} ({r.header['seconds']} s)")
     return r.rows
 
 
