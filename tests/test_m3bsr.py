@@ -356,7 +356,9 @@ def test_denoise_outputs_and_history_pooling():
     assert torch.equal(rec["cdmd"]["text"][:, -1], rec["cdbd"]["text"][:, -1])  # the deep level passes CDBD unchanged
     assert not torch.equal(rec["cdmd"]["text"][:, 0], rec["cdbd"]["text"][:, 0])
     ch = rec["chains"]["cdmd/image"]
-    assert len(ch["states"]) == model.cfg.T + 1 and ch["weights"][0].shape == (3 * 2, 2, L + 1, L + 1)
+    assert len(ch["states"]) == model.cfg.T + 1 and ch["weights"][0].shape == (3, 2, 2, L + 1, L + 1)
+    assert torch.equal(ch["states"][0], rec["input"]["image"])  # recorded as (B, S', L+1, d)
+    assert torch.equal(rec["chains"]["cdbd/id/0"]["states"][0], rec["cdmd"]["id"][:, [0]])
     assert rec["experts"].shape == (3, L, model.n_experts, D)
     assert torch.allclose(rec["y"], model.user_vectors(batch)[0], atol=1e-6)
     assert history_index(batch["times"], batch["target_times"]).shape == (3, 2, L)

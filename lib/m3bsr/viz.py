@@ -589,25 +589,12 @@ def source_lines(obj: Any, *patterns: str) -> str:
     return "\n".join(out)
 
 
-def chain_states(rec: dict, key: str, modality: str, stage: str = "input") -> tuple:
-    """States and attention weights of one recorded chain, reshaped to ``(steps+1, B, S', L+1, d)``
-    and ``(steps, B, S', heads, L+1, Lc)`` whatever order the chain stacked levels and users in.
-
-    ``stage``: the record whose level streams the chain started from ("input" for CDMD, "cdmd" for CDBD).
-    """
+def chain_states(rec: dict, key: str) -> tuple:
+    """States ``(steps+1, B, S', L+1, d)`` and attention weights ``(steps, B, S', heads, L+1, Lc)``
+    of one chain recorded by ``M3BSR.denoise_outputs``."""
     import torch  # noqa: PLC0415
     ch = rec["chains"][key]
-    levels = ch["levels"]
-    x0 = rec[stage][modality][:, levels]  # (B, S', L+1, d)
-    B, S = x0.shape[:2]
-    first = ch["states"][0]
-    if torch.equal(first, x0.reshape(B * S, *x0.shape[2:])):
-        fix = lambda t: t.reshape(B, S, *t.shape[1:])  # noqa: E731  (user-major)
-    elif torch.equal(first, x0.transpose(0, 1).reshape(B * S, *x0.shape[2:])):
-        fix = lambda t: t.reshape(S, B, *t.shape[1:]).transpose(0, 1)  # noqa: E731  (level-major)
-    else:
-        raise ValueError(f"chain {key!r}: its first state matches neither order of rec[{stage!r}][{modality!r}]")
-    return torch.stack([fix(s) for s in ch["states"]]), torch.stack([fix(w) for w in ch["weights"]])
+    return torch.stack(ch["states"]), torch.stack(ch["weights"])
 
 
 def projected_clean(model: Any, ds: Dataset, modality: str):

@@ -211,8 +211,10 @@ class M3BSR(Recommender):
                              return_states=rec is not None)
             h[m] = r.out.view(B, S, L1, d)
             loss = r.loss if loss is None else loss + r.loss
-            if rec is not None:
-                rec["chains"][f"cdmd/{m}"] = {"levels": list(range(S)), "states": r.states, "weights": r.weights}
+            if rec is not None:  # rows are user-major (B, S): unflatten to (B, S, ...)
+                rec["chains"][f"cdmd/{m}"] = {"levels": list(range(S)),
+                                              "states": [x.unflatten(0, (B, S)) for x in r.states],
+                                              "weights": [w.unflatten(0, (B, S)) for w in r.weights]}
         return loss
 
     # -----------------------------------------------------------------------------------------
@@ -255,9 +257,11 @@ class M3BSR(Recommender):
                 for j, s in enumerate(r.out.split(B, 0)):
                     new[m][levels[j]] = s
                 loss = r.loss if loss is None else loss + r.loss
-                if rec is not None:
+                if rec is not None:  # rows are level-major (levels, B): to (B, levels, ...)
+                    S_ = len(levels)
                     rec["chains"][f"cdbd/{m}/" + ",".join(map(str, levels))] = {
-                        "levels": levels, "states": r.states, "weights": r.weights}
+                        "levels": levels, "states": [x.unflatten(0, (S_, B)).transpose(0, 1) for x in r.states],
+                        "weights": [w.unflatten(0, (S_, B)).transpose(0, 1) for w in r.weights]}
         for m in self.modalities:
             h[m] = torch.stack(new[m], 1)
         return loss
@@ -377,9 +381,8 @@ class M3BSR(Recommender):
 
         Returns {"input" | "cdmd" | "cdbd": {modality: ``(B, S, L+1, d)``} (the streams before
         CDMD, after CDMD, after CDBD), "chains": {"cdmd/<m>" | "cdbd/<m>/<levels>": {"levels",
-        "states": [h_0 .. h_n] ``(n_levels*B, L+1, d)``, "weights": per step
-        ``(n_levels*B, heads, L+1, Lc)``}} (rows: CDMD user-major ``(B, S)``, CDBD level-major
-        ``(levels, B)``), "experts": ``(B, K, E, d)``, "y": ``(B, K, d)``, "valid": ``(B, S, L+1)``
+        "states": [h_0 .. h_n] ``(B, S', L+1, d)``, "weights": per step
+        ``(B, S', heads, L+1, Lc)``}} (S' = the chain's "levels"), "experts": ``(B, K, E, d)``, "y": ``(B, K, d)``, "valid": ``(B, S, L+1)``
         bool (real events), "levels": level names, "modalities"}.
         """
         rec: dict = {"chains": {}}
