@@ -283,11 +283,11 @@ def sampled_negatives(seq: SequenceData, split: str, n: int, cache_dir: Path) ->
     rng = np.random.default_rng(NEGATIVES_SEED)
     neg = np.zeros((len(rows), n), np.int64)
     targets = seq.split(split)["targets"][:, 0].numpy()
+    catalogue = np.arange(1, seq.n_items + 1)
     for r, u in enumerate(rows):
-        seen = seq.seen[int(u)]
-        pool = np.setdiff1d(np.arange(1, seq.n_items + 1), seen, assume_unique=True)
+        pool = np.setdiff1d(catalogue, seq.seen[int(u)], assume_unique=True)
         if len(pool) == 0:  # the user has seen every item: any item but the target
-            pool = np.setdiff1d(np.arange(1, seq.n_items + 1), targets[r:r + 1])
+            pool = np.setdiff1d(catalogue, targets[r:r + 1])
         if len(pool) == 0:
             raise DataError("a catalogue of one item: no negatives to sample (set sampled_negatives=0)",
                             file=seq.ds.name)
