@@ -50,7 +50,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -398,20 +398,9 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.train.seed)  # the data order: the same on every rank
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay) if params else None
-        self.ddp: nn.Module | None = None
-        if self.dist.enabled:
-            # per-rank training noise (dropout, diffusion steps); the model weights come from rank 0
+        if self.dist.enabled:  # per-rank training noise (dropout, diffusion steps)
             _seed_noise(np.random.SeedSequence([cfg.train.seed, self.dist.rank]).generate_state(2))
-            if params:
-                from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
-                # buffers are constants (features, schedules): synced once at wrapping, not every step
-                newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                self.ddp = DistributedDataParallel(
-                    _Loss(self.model), device_ids=[self.device] if self.device.type == "cuda" else None,
-                    find_unused_parameters=True,  # ablations may leave parameters out of the loss
-                    **{"forward_sync_buffers" if newer else "broadcast_buffers": False})
-        loss = self.ddp if self.ddp is not None else self.model.loss
-        self.loss_fn = torch.compile(loss) if cfg.model.compile else loss
+        self.loss_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None  # see _wrap
         self.epoch, self.steps, self.best, self.best_epoch, self.bad, self.history = 0, 0, -1.0, -1, 0, []
 
     # -- checkpoints
@@ -484,6 +473,22 @@ class Trainer:
         self.model.load_state_dict(self._read(self.out / "best.pt")["model"])
 
     # -- loop
+    def _wrap(self) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """The training loss, built on first use: under torchrun a DistributedDataParallel that takes the
+        weights from rank 0 (evaluation alone never wraps), then ``torch.compile`` if configured."""
+        if self.loss_fn is None:
+            loss = self.model.loss
+            if self.dist.enabled and self.opt is not None:  # (a model without parameters has nothing to sync)
+                from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+                # buffers are constants (features, schedules): synced once at wrapping, not every step
+                newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                loss = DistributedDataParallel(
+                    _Loss(self.model), device_ids=[self.device] if self.device.type == "cuda" else None,
+                    find_unused_parameters=True,  # ablations may leave parameters out of the loss
+                    **{"forward_sync_buffers" if newer else "broadcast_buffers": False})
+            self.loss_fn = torch.compile(loss) if self.cfg.model.compile else loss
+        return self.loss_fn
+
     def evaluate(self, split: str) -> dict[str, float]:
         t = self.cfg.train
         return evaluate(self.model, self.seq.split(split), self.device, batch_size=t.eval_batch_size,
@@ -493,6 +498,7 @@ class Trainer:
         """One pass over the training rows; returns each loss term's mean over the epoch's steps
         (under torchrun: of the global batches, the same on every rank)."""
         t, dev, world = self.cfg.train, self.device, self.dist.world
+        loss_fn = self._wrap()
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
         n = 0
@@ -502,7 +508,7 @@ class Trainer:
         for idx, weight in shard_batches(rows, t.batch_size, self.gen, self.dist.rank, world):
             b = {k: v[idx].to(dev, non_blocking=True) for k, v in rows.items()}
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.bf16):
-                terms = self.loss_fn(b)
+                terms = loss_fn(b)
             loss = terms["loss"] if world == 1 else terms["loss"] * weight
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
