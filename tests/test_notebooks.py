@@ -21,6 +21,7 @@ CI_FIGURES = {
     "01_data_preparation": ["01_sequence_lengths", "01_alignment", "01_poster_neighbours"],
     "02_diffusion_internals": ["02_schedules", "02_forward_noising", "02_cdmd_chain", "02_attention", "02_cdbd_clicks"],
     "03_training": ["03_curves_synthetic", "03_ndcg10"],
+    "06_denoising_figures": ["06_tsne", "06_umap"],
 }
 ids = [p.stem for p in NOTEBOOKS]
 
@@ -136,3 +137,21 @@ def test_ci_run_wrote_figures():
                 assert f.is_file() and f.stat().st_size > 0, f"{nb.name}: {f.name} missing or empty"
     for f in figures.iterdir():
         assert f.stat().st_size > 0, f"{f.name} is empty"
+
+
+def test_one_event_per_item_keeps_each_item_once():
+    import numpy as np
+    items = np.array([3, 1, 3, 3, 2, 1])
+    keep = viz.one_event_per_item(items, seed=1)
+    assert sorted(items[keep]) == [1, 2, 3] and list(keep) == sorted(keep)
+
+
+def test_interest_agreement_counts_neighbours_in_the_users_clusters():
+    import numpy as np
+    # two tight groups of points: items of cluster 0 near (1, 0), items of cluster 1 near (0, 1)
+    x = np.array([[1, 0.01], [1, 0.02], [1, 0.03], [0.01, 1], [0.02, 1], [0.03, 1]])
+    cluster = np.array([0, 0, 0, 1, 1, 1])
+    users = np.array([[0, -1]] * 3 + [[0, -1], [1, -1], [0, 1]])  # the 4th event: a cluster-1 item of a cluster-0 user
+    agree = viz.interest_agreement(x, cluster, users, k=2)
+    assert agree.tolist() == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    assert viz.label_agreement(x, np.ones(6, bool), cluster, k=2) == 1.0

@@ -635,3 +635,89 @@ def attention_spread(w) -> float:
     h = -(w * w.clamp(min=1e-300).log()).sum(-1)
     keep = k >= 2
     return float((h[keep] / k[keep].double().log()).mean())
+
+
+# ----------------------------------------------------------------------------- 06: denoising figures
+
+STAGES = ("input", "cdmd", "cdbd")  # the streams before CDMD, after CDMD, after CDBD
+
+
+def click_embeddings(model: Any, split: dict, level: int = 0, batch_size: int = 32) -> dict[str, Any]:
+    """Every real event of one level in an evaluation split, at each stage of M3BSR's denoising.
+
+    -> {"row": ``(N,)`` split row, "pos": ``(N,)`` stream position, "item": ``(N,)``,
+    "<stage>/<modality>": ``(N, d)`` float32 for stage in :data:`STAGES`}. ``model`` in eval mode;
+    ``denoise_outputs`` runs on ``batch_size`` rows at a time (it keeps every chain state).
+    """
+    import torch  # noqa: PLC0415
+    out: dict[str, list] = {}
+    n = len(split["users"])
+    for s in range(0, n, batch_size):
+        batch = {k: v[s:s + batch_size] for k, v in split.items()}
+        rec = model.denoise_outputs(batch)
+        sel = rec["valid"][:, level]  # (b, L+1)
+        b, p = torch.nonzero(sel, as_tuple=True)
+        out.setdefault("row", []).append((b + s).numpy())
+        out.setdefault("pos", []).append(p.numpy())
+        out.setdefault("item", []).append(batch["items"][:, level][sel].numpy())
+        for stage in STAGES:
+            for m, h in rec[stage].items():
+                out.setdefault(f"{stage}/{m}", []).append(h[:, level][sel].float().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def one_event_per_item(items: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Indices of one randomly chosen event per distinct item (sorted), so that no point of a
+    neighbourhood statistic has a copy of itself: before CDMD all events of an item coincide."""
+    order = np.random.default_rng(seed).permutation(len(items))
+    _, first = np.unique(items[order], return_index=True)
+    return np.sort(order[first])
+
+
+def interest_agreement(x: np.ndarray, item_cluster: np.ndarray, user_clusters: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per event: the fraction of its ``k`` cosine neighbours whose item lies in one of the event's
+    user's interest clusters. x ``(N, D)``, item_cluster ``(N,)``, user_clusters ``(N, 2)`` (-1 = none)."""
+    nn = nearest_neighbours(x, np.ones(len(x), bool), np.arange(len(x)), k)
+    c = item_cluster[nn]  # (N, k)
+    return ((c == user_clusters[:, :1]) | (c == user_clusters[:, 1:])).mean(1)
+
+
+def project_2d(x: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
+    """``(N, D)`` -> ``(N, 2)`` by t-SNE (scikit-learn, PCA start) or UMAP (umap-learn), both on cosine
+    distances and seeded (UMAP is then single-threaded, so the picture is reproducible)."""
+    if method == "t-SNE":
+        from sklearn.manifold import TSNE  # noqa: PLC0415
+        return TSNE(2, perplexity=min(30.0, (len(x) - 1) / 3), metric="cosine", init="pca",
+                    random_state=seed).fit_transform(x).astype(np.float32)
+    if method == "UMAP":
+        import warnings  # noqa: PLC0415
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*n_jobs value.*")  # seeded UMAP runs in one thread
+            import umap  # noqa: PLC0415
+            return umap.UMAP(n_neighbors=15, metric="cosine", random_state=seed).fit_transform(x).astype(np.float32)
+    raise ValueError(f"unknown projection {method!r}; allowed: 't-SNE', 'UMAP'")
+
+
+def plot_projection_pairs(xy: dict[tuple[str, str], np.ndarray], colour: np.ndarray, marker: np.ndarray | None,
+                          scores: dict[tuple[str, str], str], colour_label: str, title: str):
+    """One row per representation, one column per stage: ``xy[(row, stage)]`` ``(N, 2)``; points
+    coloured by the integer label ``colour`` ``(N,)``; where ``marker`` ``(N,)`` is True the point is
+    drawn as a cross (e.g. accidental clicks). ``scores[(row, stage)]`` goes under each panel's title."""
+    plt = _plt()
+    rows, stages = list(dict.fromkeys(r for r, _ in xy)), list(dict.fromkeys(s for _, s in xy))
+    fig, axes = plt.subplots(len(rows), len(stages), figsize=(3.3 * len(stages), 3.1 * len(rows)), squeeze=False)
+    cmap = plt.get_cmap("tab10" if colour.max() < 10 else "tab20")
+    marker = np.zeros(len(colour), bool) if marker is None else marker
+    for i, r in enumerate(rows):
+        for j, s in enumerate(stages):
+            ax, p = axes[i, j], xy[(r, s)]
+            ax.scatter(*p[~marker].T, c=cmap(colour[~marker] % cmap.N), s=6, lw=0, alpha=0.8)
+            if marker.any():
+                ax.scatter(*p[marker].T, c=cmap(colour[marker] % cmap.N), s=14, marker="x", lw=0.7)
+            ax.set_title(f"{r}, {s}\n{scores[(r, s)]}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+    fig.suptitle(f"{title} (colour: {colour_label}" + (", x: accidental click)" if marker.any() else ")"), fontsize=9)
+    fig.tight_layout()
+    return fig
