@@ -9,11 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
 
 from .config import make_config
 from .data.schema import Dataset
-from .train import load_data, run_dir, train_cached
+from .metrics import ndcg_per_row
+from .train import Trainer, load_data, run_dir, train_cached
 
 TABLE_METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
 
@@ -58,3 +60,40 @@ def markdown_table(summary: pd.DataFrame, results: pd.DataFrame, split: str = "t
             cells.append(f"**{row[col]}**" if means.loc[(dataset, model), col] == best else row[col])
         lines.append(f"| {dataset} | {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def best_baseline(results: pd.DataFrame, dataset: str, model: str = "m3bsr", metric: str = "NDCG@10") -> str:
+    """The other model with the highest mean *validation* ``metric`` on ``dataset`` (chosen on
+    validation, like every other choice here, so the test split does not pick the opponent)."""
+    v = results[(results["split"] == "valid") & (results["dataset"] == dataset) & (results["model"] != model)]
+    return str(v.groupby("model")[metric].mean().idxmax())
+
+
+def paired_test(dataset: str, model_a: str, model_b: str, seeds: Iterable[int], profile: str, runs: str | Path,
+                overrides: dict[str, Any] | None = None, k: int = 10, sampled: bool = False) -> dict[str, Any]:
+    """Paired comparison of two models' test NDCG@k over (seed, user) pairs from their saved runs.
+
+    For each seed both best checkpoints rank the same test rows; the pairs are the per-user
+    NDCG@k values (full ranking, or the 1+99 sampled ranking with ``sampled``). Returns the means,
+    the mean difference a - b, the Wilcoxon signed-rank p-value (two-sided, zero differences
+    dropped) and the paired t-test p-value.
+    """
+    from scipy import stats  # noqa: PLC0415
+    values: dict[str, list] = {model_a: [], model_b: []}
+    data: Dataset | None = None
+    for seed in seeds:
+        for model in (model_a, model_b):
+            cfg = make_config(profile, {**(overrides or {}), "dataset": dataset, "model": model, "seed": seed})
+            data = data if data is not None else load_data(cfg)
+            trainer = Trainer(cfg, run_dir(cfg, runs), dataset=data)
+            trainer.load_best()
+            full, smp = trainer.ranks("test")
+            values[model].append(ndcg_per_row(smp if sampled else full, k).numpy())
+    a, b = (np.concatenate(values[m]) for m in (model_a, model_b))
+    diff = a - b
+    differ = bool(np.any(diff != 0))  # identical values: no evidence of a difference (the tests would give NaN)
+    wilcoxon = stats.wilcoxon(a, b).pvalue if differ else 1.0
+    t_test = stats.ttest_rel(a, b).pvalue if differ else 1.0
+    return {"dataset": dataset, "a": model_a, "b": model_b, "pairs": len(a), f"{model_a} NDCG@{k}": a.mean(),
+            f"{model_b} NDCG@{k}": b.mean(), "mean difference": diff.mean(),
+            "Wilcoxon p": float(wilcoxon), "paired t p": float(t_test)}

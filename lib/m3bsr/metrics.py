@@ -22,14 +22,20 @@ def ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(t[:, 0].isnan(), torch.full_like(r, scores.shape[1]), r)
 
 
+def ndcg_per_row(r: torch.Tensor, k: int) -> torch.Tensor:
+    """NDCG@k of each row from its 1-based target rank ``(n,)``: one relevant item, so 1/log2(rank+1)
+    when rank <= k, else 0."""
+    r = r.double()
+    return torch.where(r <= k, 1.0 / torch.log2(r + 1.0), torch.zeros_like(r))
+
+
 def metrics_from_ranks(r: torch.Tensor, ks=KS) -> dict[str, float]:
-    """HR@K, NDCG@K (one relevant item: 1/log2(rank+1) when rank <= K) and MRR, averaged."""
+    """HR@K, NDCG@K (:func:`ndcg_per_row`) and MRR, averaged over rows."""
     r = r.double()
     out = {}
     for k in ks:
-        hit = r <= k
-        out[f"HR@{k}"] = hit.double().mean().item()
-        out[f"NDCG@{k}"] = torch.where(hit, 1.0 / torch.log2(r + 1.0), torch.zeros_like(r)).mean().item()
+        out[f"HR@{k}"] = (r <= k).double().mean().item()
+        out[f"NDCG@{k}"] = ndcg_per_row(r, k).mean().item()
     out["MRR"] = (1.0 / r).mean().item()
     return out
 

@@ -303,13 +303,14 @@ def sampled_negatives(seq: SequenceData, split: str, n: int, cache_dir: Path) ->
 
 
 @torch.no_grad()
-def evaluate(model: Recommender, split: dict[str, torch.Tensor], device: torch.device, *,
-             batch_size: int = 512, negatives: torch.Tensor | None = None, mask_seen: bool = False,
-             bf16: bool = False, dist: Dist | None = None) -> dict[str, float]:
-    """Full-ranking metrics (and sampled 1+N metrics when ``negatives`` is given) on one split.
+def split_ranks(model: Recommender, split: dict[str, torch.Tensor], device: torch.device, *,
+                batch_size: int = 512, negatives: torch.Tensor | None = None, mask_seen: bool = False,
+                bf16: bool = False, dist: Dist | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """1-based rank of each row's target: among all items ``(n,)``, and among the target + its fixed
+    ``negatives`` ``(n,)`` (None without negatives). Pessimistic ties (:func:`m3bsr.metrics.ranks`).
 
     Rows are scored in batches of ``batch_size``. With ``dist`` (torchrun), batch ``c`` is scored
-    by rank ``c % world`` and the per-row ranks are all-reduced: every rank gets the metrics of a
+    by rank ``c % world`` and the per-row ranks are all-reduced: every rank gets the ranks of a
     single-process evaluation, bit for bit (the same batches, so the same scores).
     """
     model.eval()
@@ -337,9 +338,16 @@ def evaluate(model: Recommender, split: dict[str, torch.Tensor], device: torch.d
         torch.distributed.all_reduce(full)
         if sampled is not None:
             torch.distributed.all_reduce(sampled)
-    out = metrics_from_ranks(full.cpu())
+    return full.cpu(), (sampled.cpu() if sampled is not None else None)
+
+
+def evaluate(model: Recommender, split: dict[str, torch.Tensor], device: torch.device, **kw: Any) -> dict[str, float]:
+    """Full-ranking metrics (and sampled 1+N metrics when ``negatives`` is given) on one split;
+    keyword arguments as :func:`split_ranks`."""
+    full, sampled = split_ranks(model, split, device, **kw)
+    out = metrics_from_ranks(full)
     if sampled is not None:
-        out.update({f"sampled_{k}": v for k, v in metrics_from_ranks(sampled.cpu()).items()})
+        out.update({f"sampled_{k}": v for k, v in metrics_from_ranks(sampled).items()})
     return out
 
 
@@ -489,10 +497,20 @@ class Trainer:
             self.loss_fn = torch.compile(loss) if self.cfg.model.compile else loss
         return self.loss_fn
 
-    def evaluate(self, split: str) -> dict[str, float]:
+    def _eval_args(self, split: str) -> tuple:
         t = self.cfg.train
-        return evaluate(self.model, self.seq.split(split), self.device, batch_size=t.eval_batch_size,
-                        negatives=self.negatives.get(split), mask_seen=t.mask_seen, bf16=t.bf16, dist=self.dist)
+        return (self.model, self.seq.split(split), self.device), dict(
+            batch_size=t.eval_batch_size, negatives=self.negatives.get(split), mask_seen=t.mask_seen, bf16=t.bf16,
+            dist=self.dist)
+
+    def ranks(self, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The current model's per-row target ranks on ``split`` (full, sampled): see :func:`split_ranks`."""
+        args, kw = self._eval_args(split)
+        return split_ranks(*args, **kw)
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        args, kw = self._eval_args(split)
+        return evaluate(*args, **kw)
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over the training rows; returns each loss term's mean over the epoch's steps

@@ -1,0 +1,41 @@
+"""Grids of cached runs, the tables made from them, and the paired significance test."""
+import pytest
+
+from m3bsr import experiments
+
+OVER = {"epochs": 2, "progress": False, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    res = experiments.run_grid(["synthetic"], ["pop", "sasrec"], [0, 1], "ci", runs, OVER, log=lambda *_: None)
+    return runs, res
+
+
+def test_grid_has_one_row_per_run_and_split_and_reuses_finished_runs(grid):
+    runs, res = grid
+    assert len(res) == 2 * 2 * 2 and set(res["split"]) == {"valid", "test"}
+    again = experiments.run_grid(["synthetic"], ["pop", "sasrec"], [0, 1], "ci", runs, OVER, log=lambda *_: None)
+    assert again.equals(res)
+
+
+def test_best_baseline_is_chosen_on_validation(grid):
+    _, res = grid
+    valid = res[res["split"] == "valid"].groupby("model")["NDCG@10"].mean()
+    assert experiments.best_baseline(res, "synthetic", model="sasrec") == "pop"
+    assert experiments.best_baseline(res, "synthetic", model="none") == valid.idxmax()
+
+
+def test_paired_test_pairs_every_test_user_and_reproduces_the_saved_means(grid):
+    runs, res = grid
+    out = experiments.paired_test("synthetic", "sasrec", "pop", [0, 1], "ci", runs, OVER)
+    test = res[res["split"] == "test"].groupby("model")["NDCG@10"].mean()
+    n_users = len(res[(res["split"] == "test") & (res["model"] == "pop")])  # one row per seed
+    assert out["pairs"] == 150 * n_users  # every evaluable user of the ci synthetic data, per seed
+    for m in ("sasrec", "pop"):  # the mean of the per-user values is the table's mean over seeds
+        assert out[f"{m} NDCG@10"] == pytest.approx(test[m], abs=1e-12)
+    assert out["mean difference"] == pytest.approx(test["sasrec"] - test["pop"], abs=1e-12)
+    assert 0 <= out["Wilcoxon p"] <= 1 and 0 <= out["paired t p"] <= 1
+    same = experiments.paired_test("synthetic", "pop", "pop", [0], "ci", runs, OVER)
+    assert same["mean difference"] == 0 and same["Wilcoxon p"] == same["paired t p"] == 1.0
