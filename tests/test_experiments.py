@@ -39,3 +39,25 @@ def test_paired_test_pairs_every_test_user_and_reproduces_the_saved_means(grid):
     assert 0 <= out["Wilcoxon p"] <= 1 and 0 <= out["paired t p"] <= 1
     same = experiments.paired_test("synthetic", "pop", "pop", [0], "ci", runs, OVER)
     assert same["mean difference"] == 0 and same["Wilcoxon p"] == same["paired t p"] == 1.0
+
+
+def test_trained_reloads_the_best_checkpoint_and_can_change_inference_fields(grid):
+    runs, res = grid
+    t = experiments.trained("synthetic", "sasrec", 0, "ci", runs, OVER)
+    saved = res[(res["model"] == "sasrec") & (res["seed"] == 0) & (res["split"] == "test")].iloc[0]
+    assert t.evaluate("test")["NDCG@10"] == pytest.approx(saved["NDCG@10"], abs=1e-12)
+    metrics, seconds = experiments.timed_evaluation(t, repeats=2)
+    assert metrics == t.evaluate("test") and seconds > 0
+    with pytest.raises(FileNotFoundError):
+        experiments.trained("synthetic", "bert4rec", 0, "ci", runs, OVER)
+
+
+def test_popularity_buckets_partition_the_rows_and_average_back(grid):
+    runs, res = grid
+    t = experiments.trained("synthetic", "sasrec", 1, "ci", runs, OVER)
+    b = experiments.by_target_popularity(t, buckets=3)
+    assert b["rows"].sum() == 150 and b["rows"].max() - b["rows"].min() <= 1
+    overall = t.evaluate("test")
+    assert (b["NDCG@10"] * b["rows"]).sum() / 150 == pytest.approx(overall["NDCG@10"], abs=1e-12)
+    lo = [int(r.split("-")[0]) for r in b["training targets"]]
+    assert lo == sorted(lo)  # bucket 1 holds the rarest targets

@@ -6,16 +6,18 @@ and returns one row per (dataset, model, seed, split).
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .config import make_config
 from .data.schema import Dataset
 from .metrics import ndcg_per_row
-from .train import Trainer, load_data, run_dir, train_cached
+from .train import Trainer, load_checkpoint, load_data, run_dir, train_cached
 
 TABLE_METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
 
@@ -83,10 +85,8 @@ def paired_test(dataset: str, model_a: str, model_b: str, seeds: Iterable[int], 
     data: Dataset | None = None
     for seed in seeds:
         for model in (model_a, model_b):
-            cfg = make_config(profile, {**(overrides or {}), "dataset": dataset, "model": model, "seed": seed})
-            data = data if data is not None else load_data(cfg)
-            trainer = Trainer(cfg, run_dir(cfg, runs), dataset=data)
-            trainer.load_best()
+            trainer = trained(dataset, model, seed, profile, runs, overrides, data)
+            data = trainer.ds  # loaded once
             full, smp = trainer.ranks("test")
             values[model].append(ndcg_per_row(smp if sampled else full, k).numpy())
     a, b = (np.concatenate(values[m]) for m in (model_a, model_b))
@@ -97,3 +97,47 @@ def paired_test(dataset: str, model_a: str, model_b: str, seeds: Iterable[int], 
     return {"dataset": dataset, "a": model_a, "b": model_b, "pairs": len(a), f"{model_a} NDCG@{k}": a.mean(),
             f"{model_b} NDCG@{k}": b.mean(), "mean difference": diff.mean(),
             "Wilcoxon p": float(wilcoxon), "paired t p": float(t_test)}
+
+
+def trained(dataset: str, model: str, seed: int, profile: str, runs: str | Path, overrides: dict[str, Any] | None = None,
+            data: Dataset | None = None, **model_fields: Any) -> Trainer:
+    """A Trainer holding the best checkpoint of a finished run, optionally rebuilt with some model
+    fields changed that leave the weights valid (e.g. ``inference_steps=5``, ``eval_mode="skip"``)."""
+    cfg = make_config(profile, {**(overrides or {}), "dataset": dataset, "model": model, "seed": seed})
+    run = run_dir(cfg, runs)
+    if not (run / "metrics.json").exists():
+        raise FileNotFoundError(f"{run}: no finished run (train it first, e.g. with run_grid)")
+    if model_fields:
+        cfg = make_config(profile, {**(overrides or {}), "dataset": dataset, "model": model, "seed": seed,
+                                    **model_fields})
+    trainer = Trainer(cfg, None, dataset=data)
+    trainer.model.load_state_dict(load_checkpoint(run / "best.pt")["model"])
+    return trainer
+
+
+def timed_evaluation(trainer: Trainer, split: str = "test", repeats: int = 3) -> tuple[dict[str, float], float]:
+    """(metrics, median wall seconds over ``repeats`` full evaluations of ``split`` after one warm-up)."""
+    metrics = trainer.evaluate(split)
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        trainer.evaluate(split)
+        seconds.append(time.perf_counter() - t0)
+    return metrics, float(np.median(seconds))
+
+
+def by_target_popularity(trainer: Trainer, split: str = "test", buckets: int = 3, k: int = 10) -> pd.DataFrame:
+    """HR@k / NDCG@k of ``split``'s rows grouped by how often their target item is a *training*
+    target (the popularity the models learn from), in ``buckets`` quantile groups of rows (the
+    first = the rarest targets; a bucket's range is shown as ``lo-hi`` training targets)."""
+    full, _ = trainer.ranks(split)
+    counts = torch.bincount(trainer.seq.train["targets"].flatten(), minlength=trainer.ds.n_items + 1)
+    pop = counts[trainer.seq.split(split)["targets"][:, 0]].numpy()
+    group = pd.qcut(pd.Series(pop).rank(method="first"), buckets, labels=False).to_numpy()
+    rows = []
+    for b in range(buckets):
+        sel = torch.from_numpy(group == b)
+        rows.append({"bucket": b + 1, "training targets": f"{pop[group == b].min()}-{pop[group == b].max()}",
+                     "rows": int(sel.sum()), f"HR@{k}": float((full[sel] <= k).double().mean()),
+                     f"NDCG@{k}": float(ndcg_per_row(full[sel], k).mean())})
+    return pd.DataFrame(rows)
