@@ -721,3 +721,36 @@ def plot_projection_pairs(xy: dict[tuple[str, str], np.ndarray], colour: np.ndar
     fig.suptitle(f"{title} (colour: {colour_label}" + (", x: accidental click)" if marker.any() else ")"), fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------- 05: ablations
+
+def plot_variant_bars(table: pd.DataFrame, column: str, reference: str | None = None):
+    """Horizontal bars of ``table[column]`` per variant (index (dataset, variant)), one panel per
+    dataset; the ``reference`` variant is drawn in grey and as a dashed line."""
+    plt = _plt()
+    names = list(dict.fromkeys(table.index.get_level_values(0)))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 0.32 * len(table) / len(names) + 1.2),
+                             squeeze=False)
+    for ax, name in zip(axes[0], names):
+        s = table.loc[name, column][::-1]
+        ax.barh(list(s.index), s.to_numpy(), color=["tab:grey" if v == reference else "tab:blue" for v in s.index])
+        if reference in s.index:
+            ax.axvline(s[reference], color="tab:grey", ls="--", lw=0.8)
+        ax.set(title=name, xlabel=column)
+    fig.tight_layout()
+    return fig
+
+
+def plot_steps(df: pd.DataFrame, x: str, panels: Sequence[str]):
+    """One panel per column in ``panels`` against ``x`` (a line per dataset)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.7), squeeze=False)
+    for ax, col in zip(axes[0], panels):
+        for name, g in df.groupby("dataset", sort=False):
+            ax.plot(g[x], g[col], marker="o", label=name)
+        ax.set(xlabel=x, ylabel=col)
+        ax.xaxis.set_major_locator(_int_locator())
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
