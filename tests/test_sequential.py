@@ -191,3 +191,18 @@ def test_a_few_steps_of_training_reduce_the_loss_and_reach_every_parameter(cls):
         losses.append(loss.item())
     assert all(map(lambda v: v == v and abs(v) < 1e6, losses))
     assert sum(losses[-5:]) < sum(losses[:5])
+
+
+@pytest.mark.parametrize("name", ["sasrec", "sasrec-mm", "bert4rec", "mbt", "diffurec"])
+def test_embedding_tables_start_on_one_small_scale(name):
+    """Item, position and behaviour tables all start at std 0.02: a table left at nn.Embedding's
+    N(0, 1) (as SASRec's positions once were) drowns the items, and the model learns little more
+    than popularity."""
+    from m3bsr.models.registry import MODELS
+    info = DataInfo(n_items=30, levels=["click", "favor"], features={"image": torch.randn(31, 8)},
+                    feature_mask={"image": torch.ones(31, dtype=torch.bool)})
+    model = MODELS[name](ModelConfig(model=name, d=16, layers=1, heads=2), info)
+    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert tables
+    for t in tables:
+        assert t.weight.std().item() < 0.05, (name, t)

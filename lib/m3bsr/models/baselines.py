@@ -46,6 +46,7 @@ class SASRec(Recommender):
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = Transformer(d, cfg.layers, cfg.heads, cfg.dropout)
         nn.init.normal_(self.item.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)  # at nn.Embedding's N(0, 1) positions would drown the items
 
     def item_table(self, items: torch.Tensor | None = None) -> torch.Tensor:
         """Item representations (ID embedding, plus projected modalities for SASRec+MM)."""

@@ -163,7 +163,8 @@ class MBT(Recommender):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(BehaviourBlock(d, cfg.heads, cfg.dropout, S + 1) for _ in range(cfg.layers))
         self.ln = nn.LayerNorm(d)
-        nn.init.normal_(self.item.weight, std=0.02)
+        for table in (self.item, self.behaviour, self.pos):  # one scale, so no input drowns the others
+            nn.init.normal_(table.weight, std=0.02)
 
     @staticmethod
     def merge(items: torch.Tensor, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
