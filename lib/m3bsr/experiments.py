@@ -16,7 +16,7 @@ import torch
 
 from .config import make_config
 from .data.schema import Dataset
-from .metrics import ndcg_per_row
+from .metrics import metrics_from_ranks, ndcg_per_row
 from .train import Trainer, load_checkpoint, load_data, run_dir, train_cached
 
 TABLE_METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
@@ -103,14 +103,11 @@ def trained(dataset: str, model: str, seed: int, profile: str, runs: str | Path,
             data: Dataset | None = None, **model_fields: Any) -> Trainer:
     """A Trainer holding the best checkpoint of a finished run, optionally rebuilt with some model
     fields changed that leave the weights valid (e.g. ``inference_steps=5``, ``eval_mode="skip"``)."""
-    cfg = make_config(profile, {**(overrides or {}), "dataset": dataset, "model": model, "seed": seed})
-    run = run_dir(cfg, runs)
+    fields = {**(overrides or {}), "dataset": dataset, "model": model, "seed": seed}
+    run = run_dir(make_config(profile, fields), runs)
     if not (run / "metrics.json").exists():
         raise FileNotFoundError(f"{run}: no finished run (train it first, e.g. with run_grid)")
-    if model_fields:
-        cfg = make_config(profile, {**(overrides or {}), "dataset": dataset, "model": model, "seed": seed,
-                                    **model_fields})
-    trainer = Trainer(cfg, None, dataset=data)
+    trainer = Trainer(make_config(profile, {**fields, **model_fields}), None, dataset=data)
     trainer.model.load_state_dict(load_checkpoint(run / "best.pt")["model"])
     return trainer
 
@@ -131,13 +128,12 @@ def by_target_popularity(trainer: Trainer, split: str = "test", buckets: int = 3
     target (the popularity the models learn from), in ``buckets`` quantile groups of rows (the
     first = the rarest targets; a bucket's range is shown as ``lo-hi`` training targets)."""
     full, _ = trainer.ranks(split)
-    counts = torch.bincount(trainer.seq.train["targets"].flatten(), minlength=trainer.ds.n_items + 1)
-    pop = counts[trainer.seq.split(split)["targets"][:, 0]].numpy()
+    pop = trainer.info.item_counts.long()[trainer.seq.split(split)["targets"][:, 0]].numpy()
     group = pd.qcut(pd.Series(pop).rank(method="first"), buckets, labels=False).to_numpy()
     rows = []
     for b in range(buckets):
-        sel = torch.from_numpy(group == b)
-        rows.append({"bucket": b + 1, "training targets": f"{pop[group == b].min()}-{pop[group == b].max()}",
-                     "rows": int(sel.sum()), f"HR@{k}": float((full[sel] <= k).double().mean()),
-                     f"NDCG@{k}": float(ndcg_per_row(full[sel], k).mean())})
+        sel = group == b
+        m = metrics_from_ranks(full[torch.from_numpy(sel)], ks=(k,))
+        rows.append({"bucket": b + 1, "training targets": f"{pop[sel].min()}-{pop[sel].max()}", "rows": int(sel.sum()),
+                     f"HR@{k}": m[f"HR@{k}"], f"NDCG@{k}": m[f"NDCG@{k}"]})
     return pd.DataFrame(rows)
