@@ -356,3 +356,51 @@ def test_cache_hit_truncation_and_atomicity(tmp_path):
 def test_cache_key_part_boundaries():
     assert F.cache_key(["ab", "c"]) != F.cache_key(["a", "bc"])
     assert F.cache_key(["ab", "c"]) == F.cache_key([b"ab", b"c"])
+
+
+# ---- robustness perturbations of the deep behaviour (data/perturb.py)
+
+def _synthetic(**kw):
+    return load_dataset(make_config("ci", {"dataset": "synthetic", **kw}).data)
+
+
+@pytest.mark.parametrize("kw", [{"deep_noise": 0.4}, {"deep_keep": 0.25}, {"deep_noise": 1.0, "deep_keep": 0.5}])
+def test_perturbed_deep_keeps_every_evaluation_target(kw):
+    from m3bsr.data.sequences import SequenceData
+    clean, perturbed = _synthetic(), _synthetic(**kw)
+    a, b = SequenceData(clean, 20, 3), SequenceData(perturbed, 20, 3)
+    assert a.n_eval_users == b.n_eval_users
+    for split in ("valid", "test"):
+        for key in ("users", "targets", "target_times"):
+            assert np.array_equal(a.split(split)[key].numpy(), b.split(split)[key].numpy()), (split, key)
+    shallow = lambda ds: ds.interactions[ds.interactions["level"] == 0].reset_index(drop=True)
+    assert shallow(clean).equals(shallow(perturbed))  # only deep events change
+    assert len(perturbed.truth["accidental"]) == len(perturbed.interactions)
+
+
+def test_perturbed_deep_rates():
+    clean = _synthetic()
+    deep = clean.interactions["level"] == 1
+    noisy = _synthetic(deep_noise=0.4)
+    changed = (noisy.interactions["item"] != clean.interactions["item"])[deep].mean()
+    # 0.4 of the perturbable events (all but two per evaluable user), less the 1 / n_items drawn unchanged
+    assert 0.2 < changed < 0.4
+    sparse = _synthetic(deep_keep=0.25)
+    kept = (sparse.interactions["level"] == 1).sum() / deep.sum()
+    assert 0.25 < kept < 0.75
+    assert _synthetic(deep_noise=0.4).interactions.equals(noisy.interactions)  # one fixed draw
+
+
+@pytest.mark.parametrize("kw", [{"deep_noise": -0.1}, {"deep_noise": 1.5}, {"deep_keep": 0.0}, {"deep_keep": 2.0}])
+def test_perturbation_rejects_out_of_range(kw):
+    from m3bsr.config import ConfigError
+    with pytest.raises(ConfigError, match=next(iter(kw))):
+        _synthetic(**kw)
+
+
+def test_added_fields_leave_existing_run_hashes_alone():
+    """Run folders are named by the config hash; a field added later (ADDED_FIELDS) changes it only
+    when set. 4ac0faf3a0a8 is the default synthetic M3BSR seed-0 run of notebooks 02-06."""
+    cfg = make_config("default", {"dataset": "synthetic", "model": "m3bsr", "seed": 0})
+    assert cfg.hash() == "4ac0faf3a0a8"
+    assert make_config("default", {"dataset": "synthetic", "model": "m3bsr", "seed": 0, "deep_noise": 0.1}).hash() != cfg.hash()

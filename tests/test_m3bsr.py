@@ -12,7 +12,6 @@ from m3bsr.models.base import DataInfo
 from m3bsr.models.diffusion import (ConditionalChain, NoisePredictor, Schedule, cosine_schedule, linear_schedule,
                                     p_step, q_step)
 from m3bsr.models.layers import before_mask
-from m3bsr.models.layers import before_mask
 from m3bsr.models.m3bsr import M3BSR, contrastive_apart
 from m3bsr.models.registry import build_model
 
@@ -173,6 +172,17 @@ def test_before_mask_is_strictly_before_plus_bos():
 # --------------------------------------------------------------------------------------------
 # M3BSR
 # --------------------------------------------------------------------------------------------
+
+
+def test_id_stream_tells_items_apart_at_initialisation():
+    """h^id = LN(MLP(e_i)) must differ between items from the first step. With PyTorch's default
+    MLP biases and a std-0.02 table, every item's ID input was 99.8 % cosine-identical to every other
+    item's, and M3BSR learned little more than popularity; now they are close to orthogonal."""
+    model = M3BSR(ModelConfig(d=64, layers=1, heads=2), DataInfo(n_items=200, levels=["click", "favor"]))
+    h = torch.nn.functional.normalize(model.emb_ln["id"](model.id_embedding(torch.arange(1, 201))), dim=-1)
+    cos = h @ h.T
+    off_diagonal = cos[~torch.eye(200, dtype=torch.bool)]
+    assert off_diagonal.abs().mean() < 0.3, off_diagonal.mean()
 
 
 def test_registry_builds_m3bsr_and_shapes():

@@ -43,7 +43,7 @@ only that target's history padded to L+1 (a straightforward implementation that 
 per sequence), timed on a few evenly spaced target positions (each costs the same; throughput =
 targets covered / time).
 
-Writes ``<out>/bench-<size>-<device>.csv`` and ``.md``. ``--size small`` is a smoke run (tiny
+Writes ``<out>/bench-<size>-<device>[-bf16].csv`` and ``.md``. ``--size small`` is a smoke run (tiny
 synthetic data, one repeat, well under a minute on 2 cores).
 """
 from __future__ import annotations
@@ -199,7 +199,7 @@ class NaiveM3BSR(M3BSR):
         B, S, _ = items.shape
         h = {}
         for i, m in enumerate(self.modalities):
-            x = self.id_mlp(self.item(items)) if m == "id" else self.proj[m](items)
+            x = self.id_embedding(items) if m == "id" else self.proj[m](items)
             bos = self.bos[:, i][None, :, None].expand(B, S, 1, -1).to(x.dtype)
             h[m] = self.drop(self.emb_ln[m](torch.cat([bos, x[:, :, 1:]], 2)))
         return h
@@ -517,7 +517,8 @@ class _Run:
 
     def save(self) -> tuple[Path, Path]:
         self.header["seconds"] = round(time.perf_counter() - self.t0)
-        return write_results(self.rows, self.header, self.out, f"bench-{self.header['size']}-{self.device.type}")
+        bf16 = "-bf16" if self.header.get("bf16") == "on" else ""
+        return write_results(self.rows, self.header, self.out, f"bench-{self.header['size']}-{self.device.type}{bf16}")
 
     def times(self, fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
         return median_times(fns, self.device, self.repeats, self.size.warmup)
@@ -532,7 +533,7 @@ class _Run:
 def run_bench(size: str = "full", device: str = "auto", out: str | Path | None = None, run: str | Path | None = None,
               threads: int | None = None, repeats: int | None = None, epochs: int | None = None,
               batch_size: int | None = None, bf16: bool = False, log: Callable[[str], None] = print) -> list[Row]:
-    """Run every measurement, write ``<out>/bench-<size>-<device>.{csv,md}``, return the rows."""
+    """Run every measurement, write ``<out>/bench-<size>-<device>[-bf16].{csv,md}``, return the rows."""
     from .train import data_info, load_data, resolve_device  # noqa: PLC0415
 
     sz = SIZES[size]

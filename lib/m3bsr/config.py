@@ -33,6 +33,9 @@ class DataConfig:
     cache_dir: str | None = None  # feature cache; None: <repo>/data/cache
     max_len: int = 50  # L: events kept per behaviour stream (most recent first)
     min_deep: int = 3  # users with fewer deep events get no valid/test target (their events still train)
+    # robustness studies (data/perturb.py): valid/test targets are never perturbed
+    deep_noise: float = 0.0  # share of the other deep events whose item is replaced by a random item
+    deep_keep: float = 1.0  # share of the other deep events kept (sparse deep behaviour)
     # synthetic generator sizes (the profile sets them)
     syn_users: int = 600
     syn_items: int = 800
@@ -114,10 +117,18 @@ class Config:
                    train=TrainConfig(**d["train"]), profile=d.get("profile", "default"))
 
     def hash(self) -> str:
-        """Stable hash of everything that changes results (not the device or progress bar)."""
+        """Stable hash of everything that changes results (not the device or progress bar).
+
+        Fields of :data:`ADDED_FIELDS` are left out while they hold their default, so adding an
+        option does not orphan the run folders (named by this hash) of configs that do not use it.
+        """
         d = self.to_dict()
         for k in ("device", "progress"):
             d["train"].pop(k)
+        for section, fields in ADDED_FIELDS.items():
+            for k, default in fields.items():
+                if d[section][k] == default:
+                    d[section].pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def set(self, key: str, value: Any) -> None:
@@ -132,6 +143,9 @@ class Config:
             raise ConfigError(f"config field {key!r} must be one of {CHOICES[key]}, got {value!r}")
         setattr(sub, key, value)
 
+
+# Fields added after run folders existed: part of the hash only when set away from this default.
+ADDED_FIELDS: dict[str, dict[str, Any]] = {"data": {"deep_noise": 0.0, "deep_keep": 1.0}}
 
 CHOICES: dict[str, tuple] = {
     "dataset": ("synthetic", "ml-100k-mm", "ml-latest-small-mm", "rec-tmall", "taobao-ub", "csv"),

@@ -754,3 +754,21 @@ def plot_steps(df: pd.DataFrame, x: str, panels: Sequence[str]):
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def plot_robustness(df: pd.DataFrame, value: str = "test NDCG@10"):
+    """One panel per perturbation (``deep_noise``, ``deep_keep``): ``value`` against the setting,
+    a line per (dataset, model). ``df``: columns dataset, perturbation, value, model and ``value``."""
+    plt = _plt()
+    studies = list(dict.fromkeys(df["perturbation"]))
+    fig, axes = plt.subplots(1, len(studies), figsize=(3.6 * len(studies), 2.8), squeeze=False)
+    for ax, study in zip(axes[0], studies):
+        for (dataset, model), g in df[df["perturbation"] == study].groupby(["dataset", "model"], sort=False):
+            g = g.sort_values("value")
+            ax.plot(g["value"], g[value], marker="o", label=f"{model} ({dataset})")
+        ax.set(xlabel=study, ylabel=value, title={"deep_noise": "favors replaced at random",
+                                                   "deep_keep": "favors kept"}.get(study, study))
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+

@@ -35,6 +35,7 @@ import pandas as pd
 
 from ..config import DataConfig
 from . import features as F
+from .perturb import perturb_deep
 from .schema import Dataset, DataError, finalize
 from .synthetic import make_synthetic
 
@@ -447,10 +448,15 @@ def _feature_pair(modality: str, pair: Any, path: Path) -> tuple[np.ndarray, np.
 
 
 def load_dataset(cfg: DataConfig, features: bool = True) -> Dataset:
-    """The dataset named by ``cfg.dataset``, from ``cfg``'s data root / file.
+    """The dataset named by ``cfg.dataset``, from ``cfg``'s data root / file, with its deep events
+    perturbed when ``cfg.deep_noise`` / ``cfg.deep_keep`` ask for it (:mod:`~m3bsr.data.perturb`).
 
     features=False skips the image/text encoders (fast; for statistics and tests).
     """
+    return perturb_deep(_load(cfg, features), cfg.deep_noise, cfg.deep_keep, cfg.min_deep)
+
+
+def _load(cfg: DataConfig, features: bool) -> Dataset:
     name = cfg.dataset
     if name == "synthetic":
         return make_synthetic(cfg)
