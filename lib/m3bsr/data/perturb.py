@@ -48,7 +48,7 @@ def perturb_deep(ds: Dataset, noise: float = 0.0, keep: float = 1.0, min_deep: i
     drop = perturbable & (rng.random(len(df)) >= keep)
     if drop.any():  # an evaluable user keeps min_deep deep events: restore its latest dropped ones
         short = np.maximum(min_deep - (n_deep - np.bincount(users[drop], minlength=ds.n_users)), 0)
-        for u in np.flatnonzero(short * (n_deep >= min_deep)):
+        for u in np.flatnonzero((short > 0) & (n_deep >= min_deep)):
             rows = np.flatnonzero(drop & (users == u))
             drop[rows[-short[u]:]] = False
     noisy = perturbable & ~drop & (rng.random(len(df)) < noise)
