@@ -771,4 +771,3 @@ def plot_robustness(df: pd.DataFrame, value: str = "test NDCG@10"):
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     return fig
-

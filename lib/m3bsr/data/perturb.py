@@ -34,23 +34,20 @@ def perturb_deep(ds: Dataset, noise: float = 0.0, keep: float = 1.0, min_deep: i
         return ds
     rng = np.random.default_rng(seed)
     df = ds.interactions
-    deep = (df["level"] == ds.n_levels - 1).to_numpy()
     users = df["user"].to_numpy()
-    # rank of each deep event from its user's last one (0 = last): interactions are sorted by user, time
-    rank_from_end = np.zeros(len(df), dtype=np.int64)
-    deep_rows = np.flatnonzero(deep)
+    deep_rows = np.flatnonzero((df["level"] == ds.n_levels - 1).to_numpy())
     n_deep = np.bincount(users[deep_rows], minlength=ds.n_users)
-    nth = np.arange(len(deep_rows)) - np.searchsorted(users[deep_rows], users[deep_rows])  # 0-based within user
-    rank_from_end[deep_rows] = n_deep[users[deep_rows]] - 1 - nth
-    evaluable = n_deep[users] >= min_deep
-    perturbable = deep & ~(evaluable & (rank_from_end < 2))
+    evaluable = n_deep >= min_deep  # per user
+    perturbable = np.zeros(len(df), dtype=bool)
+    targets = evaluable[users[deep_rows]] & (_rank_from_end(users[deep_rows]) < 2)
+    perturbable[deep_rows[~targets]] = True
 
     drop = perturbable & (rng.random(len(df)) >= keep)
-    if drop.any():  # an evaluable user keeps min_deep deep events: restore its latest dropped ones
-        short = np.maximum(min_deep - (n_deep - np.bincount(users[drop], minlength=ds.n_users)), 0)
-        for u in np.flatnonzero((short > 0) & (n_deep >= min_deep)):
-            rows = np.flatnonzero(drop & (users == u))
-            drop[rows[-short[u]:]] = False
+    # an evaluable user keeps min_deep deep events: restore its latest dropped ones
+    drop_rows = np.flatnonzero(drop)
+    n_drop = np.bincount(users[drop_rows], minlength=ds.n_users)
+    short = np.where(evaluable, np.maximum(min_deep - (n_deep - n_drop), 0), 0)
+    drop[drop_rows[_rank_from_end(users[drop_rows]) < short[users[drop_rows]]]] = False
     noisy = perturbable & ~drop & (rng.random(len(df)) < noise)
 
     out = df.copy()
@@ -59,3 +56,8 @@ def perturb_deep(ds: Dataset, noise: float = 0.0, keep: float = 1.0, min_deep: i
     if "accidental" in truth:  # per-event ground truth follows the kept rows
         truth["accidental"] = np.asarray(truth["accidental"])[~drop]
     return dataclasses.replace(ds, interactions=out[~drop].reset_index(drop=True), truth=truth).validate()
+
+
+def _rank_from_end(users: np.ndarray) -> np.ndarray:
+    """Sorted user ids of a selection of rows -> each row's rank from its user's last row (0 = last)."""
+    return np.searchsorted(users, users, side="right") - 1 - np.arange(len(users))
