@@ -22,7 +22,7 @@ CI_FIGURES = {
     "02_diffusion_internals": ["02_schedules", "02_forward_noising", "02_cdmd_chain", "02_attention", "02_cdbd_clicks"],
     "03_training": ["03_curves_synthetic", "03_ndcg10"],
     "04_main_results": ["04_ndcg10"],
-    "05_ablations": ["05_ablations", "05_steps", "05_robustness"],
+    "05_ablations": ["05_ablations", "05_contrastive", "05_steps", "05_robustness"],
     "06_denoising_figures": ["06_tsne", "06_umap"],
 }
 ids = [p.stem for p in NOTEBOOKS]
