@@ -354,7 +354,6 @@ def test_contrastive_apart_formula():
     assert torch.allclose(got, ref, atol=1e-3)
 
 
-
 def test_contrastive_apart_is_smallest_for_collapsed_experts():
     """Its minimum E (E - 1) ln(E - 1) needs only equal pairwise similarities: seven copies of one
     vector, the same for every user, reach it; random (user-dependent) experts score higher."""
@@ -363,6 +362,7 @@ def test_contrastive_apart_is_smallest_for_collapsed_experts():
     collapsed = torch.randn(D).expand(4, E, D)
     assert torch.allclose(contrastive_apart(collapsed, 0.1), torch.full((4,), floor), atol=1e-3)
     assert (contrastive_apart(torch.randn(4, E, D), 0.1) > floor + 1).all()
+
 
 def test_denoise_outputs_and_history_pooling():
     model = make().eval()
