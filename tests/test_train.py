@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from m3bsr.cli import main
-from m3bsr.config import make_config
+from m3bsr.config import ConfigError, make_config
 from m3bsr.train import CheckpointError, Trainer, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +76,23 @@ def test_evaluating_a_checkpoint_twice_is_identical(tmp_path):
     assert first == second
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert first["test"] == saved["test"]
+
+
+def test_evaluate_with_fewer_inference_steps(tmp_path):
+    """evaluate --set inference_steps=n scores the run's checkpoint with an n-step chain: the same
+    metrics as a model built with that field and given the checkpoint's weights."""
+    from m3bsr.train import evaluate_run
+    run = tmp_path / "run"
+    saved = Trainer(ci_config(tmp_path, model="m3bsr", epochs=1), run).fit()  # ci profile: T = 5
+    assert evaluate_run(run, "cpu", {"inference_steps": "5"})["test"] == saved["test"]
+    short = Trainer(ci_config(tmp_path, model="m3bsr", epochs=1, inference_steps=1))
+    short.model.load_state_dict(load_checkpoint(run / "best.pt")["model"])
+    one = short.evaluate("test")
+    assert one != saved["test"]  # one step scores differently from T...
+    assert evaluate_run(run, "cpu", {"inference_steps": "1"})["test"] == one  # ...and evaluate sees that
+    with pytest.raises(ConfigError, match="not lr"):
+        evaluate_run(run, "cpu", {"lr": "0.5"})
+    assert main(["evaluate", "--run", str(run), "--set", "inference_steps=9"]) == 2  # > T
 
 
 def test_all_items_scored_equal_gives_zero_hits(tmp_path):

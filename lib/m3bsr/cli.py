@@ -2,7 +2,7 @@
 
     python -m m3bsr train --dataset ml-100k-mm --model m3bsr --profile default --seed 0 --out runs/x
     python -m m3bsr train --data-file my.csv --deep buy --model sasrec --profile ci --out runs/y
-    python -m m3bsr evaluate --run runs/x
+    python -m m3bsr evaluate --run runs/x [--set inference_steps=5]
     python -m m3bsr bench --size full --device cpu --out results/bench   # performance ratios (bench.py)
     torchrun --nproc_per_node=2 -m m3bsr train ...   # data-parallel (gloo on CPU, nccl on CUDA)
 """
@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                    "use this positional form: torchrun's own parser mistakes --run for its --run-path)")
     e.add_argument("--run")
     e.add_argument("--device", default="auto")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="evaluate with an evaluation-only field changed, e.g. --set inference_steps=5 "
+                        "(inference_steps, eval_mode, eval_batch_size, mask_seen)")
 
     s = sub.add_parser("stats", help="print a dataset's statistics")
     s.add_argument("--dataset", required=True)
@@ -63,13 +66,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config(a: argparse.Namespace):
+def _overrides(pairs: list[str]) -> dict[str, object]:
+    """``--set KEY=VALUE`` pairs -> {KEY: VALUE} (values parsed later, by the field's type)."""
     over: dict[str, object] = {}
-    for kv in a.set:
+    for kv in pairs:
         if "=" not in kv:
             raise SystemExit(f"--set expects KEY=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
         over[k.strip()] = v
+    return over
+
+
+def _config(a: argparse.Namespace):
+    over = _overrides(a.set)
     for field, value in (("dataset", a.dataset), ("data_file", a.data_file), ("deep", a.deep), ("levels", a.levels),
                          ("model", a.model), ("seed", a.seed), ("epochs", a.epochs), ("device", a.device),
                          ("data_root", a.data_root)):
@@ -96,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             if main_rank:
                 print(json.dumps({"valid": result["valid"], "test": result["test"]}, indent=2))
         elif a.command == "evaluate":
-            result = evaluate_run(a.run, a.device)
+            result = evaluate_run(a.run, a.device, _overrides(a.set))
             if main_rank:
                 print(json.dumps(result, indent=2))
         elif a.command == "bench":

@@ -617,17 +617,36 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, disable=not enabled or not sys.stderr.isatty())
 
 
-def evaluate_run(run: str | Path, device: str = "auto") -> dict[str, Any]:
-    """Recompute valid/test metrics from ``<run>/best.pt`` with the run's own config."""
+# Config fields `evaluate` may change: they leave the trained weights valid.
+EVAL_FIELDS = ("inference_steps", "eval_mode", "eval_batch_size", "mask_seen")
+
+
+def evaluate_run(run: str | Path, device: str = "auto", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Recompute valid/test metrics from ``<run>/best.pt`` with the run's own config.
+
+    ``overrides`` (field -> value, e.g. ``{"inference_steps": 5}``) changes fields of
+    :data:`EVAL_FIELDS` only: the checkpoint is checked against the run's config, then loaded into a
+    model rebuilt with the changed fields.
+    """
     run = Path(run)
     cfg_path = run / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{run}: no config.json (is this a run folder?)")
+    bad = sorted(set(overrides or {}) - set(EVAL_FIELDS))
+    if bad:
+        raise ConfigError(f"evaluate can change {', '.join(EVAL_FIELDS)} (they leave the trained weights valid), "
+                          f"not {', '.join(bad)}")
     cfg = Config.from_dict(json.loads(cfg_path.read_text()))
     cfg.train.device = device
     trainer = Trainer(cfg)
     trainer.out = run
     trainer.load_best()
+    if overrides:
+        for k, v in overrides.items():
+            cfg.set(k, v)  # trainer.cfg: eval_batch_size and mask_seen are read from it at evaluation
+        state = trainer.model.state_dict()
+        trainer.model = build_model(cfg.model, trainer.info).to(trainer.device)  # validates inference_steps <= T
+        trainer.model.load_state_dict(state)
     return {"valid": trainer.evaluate("valid"), "test": trainer.evaluate("test")}
 
 
