@@ -5,7 +5,6 @@ handful of items; full encoding never runs here.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -119,11 +118,9 @@ def test_dispatcher_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- synthetic
 
-def test_synthetic_deterministic_and_fast():
+def test_synthetic_deterministic():
     cfg = make_config("ci").data
-    t = time.perf_counter()
     a = make_synthetic(cfg)
-    assert time.perf_counter() - t < 1.0
     b = load_dataset(cfg)
     assert a.interactions.equals(b.interactions) and a.fingerprint() == b.fingerprint()
     assert np.array_equal(a.truth["accidental"], b.truth["accidental"])
@@ -400,7 +397,10 @@ def test_perturbation_rejects_out_of_range(kw):
 
 def test_added_fields_leave_existing_run_hashes_alone():
     """Run folders are named by the config hash; a field added later (ADDED_FIELDS) changes it only
-    when set. 4ac0faf3a0a8 is the default synthetic M3BSR seed-0 run of notebooks 02-06."""
-    cfg = make_config("default", {"dataset": "synthetic", "model": "m3bsr", "seed": 0})
-    assert cfg.hash() == "4ac0faf3a0a8"
-    assert make_config("default", {"dataset": "synthetic", "model": "m3bsr", "seed": 0, "deep_noise": 0.1}).hash() != cfg.hash()
+    when set. 05f0b47cdd00 is the default synthetic M3BSR seed-0 run of notebooks 02-06; 4ac0faf3a0a8
+    the same run under the paper's reading (the README's `schedule: cosine, lambda_c: 0.1` commands)."""
+    run = {"dataset": "synthetic", "model": "m3bsr", "seed": 0}
+    cfg = make_config("default", run)
+    assert cfg.hash() == "05f0b47cdd00"
+    assert make_config("default", {**run, "schedule": "cosine", "lambda_c": 0.1}).hash() == "4ac0faf3a0a8"
+    assert make_config("default", {**run, "deep_noise": 0.1}).hash() != cfg.hash()

@@ -23,7 +23,7 @@ CI_FIGURES = {
     "03_training": ["03_curves_synthetic", "03_ndcg10"],
     "04_main_results": ["04_ndcg10"],
     "05_ablations": ["05_ablations", "05_contrastive", "05_steps", "05_robustness"],
-    "06_denoising_figures": ["06_tsne", "06_umap"],
+    "06_denoising_figures": ["06_tsne", "06_umap", "06_tsne_ml-100k-mm", "06_umap_ml-100k-mm"],
 }
 ids = [p.stem for p in NOTEBOOKS]
 

@@ -304,11 +304,10 @@ def feature_table(datasets: Iterable[Dataset], k: int = 10) -> pd.DataFrame:
         labels = np.asarray(ds.item_labels, dtype=object).astype(str)
         for m in sorted(ds.features):
             x, mask = ds.features[m], ds.feature_mask[m]
-            p = pd.Series(labels[mask]).value_counts(normalize=True).to_numpy()
             rows.append({"dataset": ds.name, "modality": m, "dim": x.shape[1], "items with it": int(mask.sum()),
                          "coverage": round(float(mask[1:].mean()), 4),
                          f"same label in {k}-NN": round(label_agreement(x, mask, labels, k), 4),
-                         "chance": round(float((p ** 2).sum()), 4)})
+                         "chance": round(chance_agreement(labels[mask]), 4)})
     return pd.DataFrame(rows).set_index(["dataset", "modality"])
 
 
@@ -664,6 +663,34 @@ def click_embeddings(model: Any, split: dict, level: int = 0, batch_size: int = 
             for m, h in rec[stage].items():
                 out.setdefault(f"{stage}/{m}", []).append(h[:, level][sel].float().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def denoising_embeddings(model: Any, split: dict, path: str | Path, seed: int = 0,
+                         methods: Sequence[str] = ("t-SNE", "UMAP")) -> dict[str, np.ndarray]:
+    """The clicks of ``split`` (one per distinct item) at each denoising stage, with their 2-D projections.
+
+    -> :func:`click_embeddings`' keys for the kept clicks plus ``"<method>:<stage>/<modality>"`` ``(N, 2)``.
+    Computed once and saved to ``path`` (.npz), then read back, so a notebook re-renders in seconds.
+    The ID stream is the condition of CDMD, not changed by it: ``cdmd/id`` reuses ``input/id``'s projection.
+    """
+    path = Path(path)
+    if path.exists():
+        return dict(np.load(path))
+    E = click_embeddings(model.eval(), split)
+    keep = one_event_per_item(E["item"], seed=seed)
+    E = {k: v[keep] for k, v in E.items()}
+    for key in [k for k in E if k.split("/")[0] in STAGES]:
+        for method in methods:
+            E[f"{method}:{key}"] = (E[f"{method}:input/id"] if key == "cdmd/id"
+                                    else project_2d(E[key], method, seed=seed))
+    np.savez_compressed(path, **E)
+    return E
+
+
+def chance_agreement(labels: np.ndarray) -> float:
+    """``sum_l p_l^2``: the share of same-label neighbours expected when neighbours are random."""
+    p = pd.Series(labels).value_counts(normalize=True).to_numpy()
+    return float((p ** 2).sum())
 
 
 def one_event_per_item(items: np.ndarray, seed: int = 0) -> np.ndarray:
