@@ -16,6 +16,9 @@ def grid(tmp_path_factory):
 def test_grid_has_one_row_per_run_and_split_and_reuses_finished_runs(grid):
     runs, res = grid
     assert len(res) == 2 * 2 * 2 and set(res["split"]) == {"valid", "test"}
+    sasrec, pop = res[res["model"] == "sasrec"], res[res["model"] == "pop"]
+    assert (sasrec["epochs"] == OVER["epochs"]).all() and (sasrec["train_seconds"] > 0).all()
+    assert (pop["epochs"] == 0).all() and pop["train_seconds"].isna().all()  # nothing to train
     again = experiments.run_grid(["synthetic"], ["pop", "sasrec"], [0, 1], "ci", runs, OVER, log=lambda *_: None)
     assert again.equals(res)
 

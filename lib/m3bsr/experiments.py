@@ -24,7 +24,9 @@ TABLE_METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR"
 
 def run_grid(datasets: Iterable[str], models: Iterable[str], seeds: Iterable[int], profile: str,
              runs: str | Path, overrides: dict[str, Any] | None = None, log=print) -> pd.DataFrame:
-    """Train (or reuse) every (dataset, model, seed); one row per run and split with all metrics."""
+    """Train (or reuse) every (dataset, model, seed); one row per run and split with all metrics,
+    the epochs trained and ``train_seconds`` (the run's training epochs, validation excluded;
+    NaN for untrained models such as pop)."""
     rows = []
     for dataset in datasets:
         data: Dataset | None = None  # loaded once per dataset, only if some run is missing
@@ -34,10 +36,13 @@ def run_grid(datasets: Iterable[str], models: Iterable[str], seeds: Iterable[int
                 if not (run_dir(cfg, runs) / "metrics.json").exists() and data is None:
                     data = load_data(cfg)
                 result = train_cached(cfg, runs, dataset=data)
+                history = run_dir(cfg, runs) / "history.csv"
+                epochs = pd.read_csv(history)["seconds"] if history.exists() else pd.Series([], dtype=float)
                 log(f"{dataset:>20} {model:>10} seed {seed}: test NDCG@10 {result['test']['NDCG@10']:.4f}")
                 for split in ("valid", "test"):
                     rows.append({"dataset": dataset, "model": model, "seed": seed, "split": split,
-                                 "best_epoch": result.get("best_epoch"), **result[split]})
+                                 "best_epoch": result.get("best_epoch"), "epochs": len(epochs),
+                                 "train_seconds": epochs.sum() if len(epochs) else float("nan"), **result[split]})
     return pd.DataFrame(rows)
 
 
