@@ -33,16 +33,17 @@ def run_grid(datasets: Iterable[str], models: Iterable[str], seeds: Iterable[int
         for model in models:
             for seed in seeds:
                 cfg = make_config(profile, {**(overrides or {}), "dataset": dataset, "model": model, "seed": seed})
-                if not (run_dir(cfg, runs) / "metrics.json").exists() and data is None:
+                run = run_dir(cfg, runs)
+                if not (run / "metrics.json").exists() and data is None:
                     data = load_data(cfg)
                 result = train_cached(cfg, runs, dataset=data)
-                history = run_dir(cfg, runs) / "history.csv"
-                epochs = pd.read_csv(history)["seconds"] if history.exists() else pd.Series([], dtype=float)
+                history = run / "history.csv"  # one row per training epoch; absent when nothing trains
+                seconds = pd.read_csv(history)["seconds"] if history.exists() else pd.Series([], dtype=float)
                 log(f"{dataset:>20} {model:>10} seed {seed}: test NDCG@10 {result['test']['NDCG@10']:.4f}")
                 for split in ("valid", "test"):
                     rows.append({"dataset": dataset, "model": model, "seed": seed, "split": split,
-                                 "best_epoch": result.get("best_epoch"), "epochs": len(epochs),
-                                 "train_seconds": epochs.sum() if len(epochs) else float("nan"), **result[split]})
+                                 "best_epoch": result.get("best_epoch"), "epochs": len(seconds),
+                                 "train_seconds": seconds.sum() if len(seconds) else float("nan"), **result[split]})
     return pd.DataFrame(rows)
 
 
