@@ -1,7 +1,10 @@
 """Grids of cached runs, the tables made from them, and the paired significance test."""
 import pytest
+import torch
 
 from m3bsr import experiments
+from m3bsr.config import ConfigError
+from m3bsr.train import run_dir
 
 OVER = {"epochs": 2, "progress": False, "device": "cpu"}
 
@@ -21,6 +24,11 @@ def test_grid_has_one_row_per_run_and_split_and_reuses_finished_runs(grid):
     assert (pop["epochs"] == 0).all() and pop["train_seconds"].isna().all()  # nothing to train
     again = experiments.run_grid(["synthetic"], ["pop", "sasrec"], [0, 1], "ci", runs, OVER, log=lambda *_: None)
     assert again.equals(res)
+    cfgs = experiments.grid_configs(["synthetic"], ["pop", "sasrec"], [0, 1], "ci", OVER)
+    cost = experiments.run_costs(cfgs + cfgs, runs)  # each run once
+    assert len(cost) == 4 and len(experiments.run_costs(cfgs + cfgs, runs, unique=False)) == 8
+    assert cost.set_index(["model", "seed"])["train_seconds"].sort_index().equals(
+        res[res["split"] == "test"].set_index(["model", "seed"])["train_seconds"].sort_index())
 
 
 def test_best_baseline_is_chosen_on_validation(grid):
@@ -64,3 +72,39 @@ def test_popularity_buckets_partition_the_rows_and_average_back(grid):
     assert (b["NDCG@10"] * b["rows"]).sum() / 150 == pytest.approx(overall["NDCG@10"], abs=1e-12)
     lo = [int(r.split("-")[0]) for r in b["training targets"]]
     assert lo == sorted(lo)  # bucket 1 holds the rarest targets
+
+
+def test_parallel_training_gives_the_numbers_of_one_process(tmp_path):
+    """jobs=2: two worker processes with half the threads each; every run's metrics.json is the one
+    training it here with that thread count gives, byte for byte."""
+    cfgs = experiments.grid_configs(["synthetic"], ["sasrec"], [0, 1], "ci", OVER)
+    lines = []
+    experiments.train_runs(cfgs, tmp_path / "pool", jobs=2, log=lines.append)
+    assert lines[0].startswith("training 2 runs, 2 at a time") and len(lines) == 3
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // 2))
+    try:
+        experiments.train_runs(cfgs, tmp_path / "here", jobs=1)
+    finally:
+        torch.set_num_threads(threads)
+    for cfg in cfgs:
+        pooled, here = (run_dir(cfg, tmp_path / where) / "metrics.json" for where in ("pool", "here"))
+        assert pooled.read_bytes() == here.read_bytes()
+    experiments.train_runs(cfgs, tmp_path / "pool", jobs=2, log=lines.append)  # all finished: nothing to do
+    assert len(lines) == 3
+
+
+def test_a_failing_parallel_run_raises_here(tmp_path):
+    cfgs = experiments.grid_configs(["synthetic"], ["sasrec"], [0, 1], "ci", {**OVER, "heads": 3})  # d=32
+    with pytest.raises(ConfigError, match="divisible by heads=3"):
+        experiments.train_runs(cfgs, tmp_path, jobs=2, log=lambda *_: None)
+
+
+def test_default_jobs_one_per_core_as_memory_allows(monkeypatch):
+    assert 1 <= experiments.default_jobs("cpu") <= torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 16 * 2**30 // 4096}  # 16 GiB: two runs of 6 GiB
+    monkeypatch.setattr(experiments.os, "sysconf", pages.__getitem__)
+    assert experiments.default_jobs("cpu") == 2
+    pages["SC_PHYS_PAGES"] *= 8
+    assert experiments.default_jobs("cpu") == 8  # the cores

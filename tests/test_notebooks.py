@@ -92,6 +92,8 @@ def test_unknown_dataset_fails_in_the_validation_cell(path, tmp_path):
     (dict(device="tpu"), "'tpu'"),
     (dict(models=["sasrec", "gru4rec"]), "'gru4rec'"),
     (dict(data_root="no/such/folder"), "'no/such/folder'"),
+    (dict(jobs=0), "got 0"),
+    (dict(jobs=1.5), "got 1.5"),
 ])
 def test_check_parameters_names_the_bad_value(kwargs, bad):
     args = dict(profile="ci", datasets=["synthetic"], seeds=[0], device="cpu", data_root=None, models=None)

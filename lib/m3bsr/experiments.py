@@ -2,11 +2,15 @@
 
 Every cell of a table is one run: ``python -m m3bsr train --dataset D --model M --profile P --seed S``;
 :func:`run_grid` trains each missing run under ``runs/`` (reusing finished ones by config hash)
-and returns one row per (dataset, model, seed, split).
+and returns one row per (dataset, model, seed, split). :func:`train_runs` trains a list of runs
+``jobs`` at a time, each in its own process.
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -14,37 +18,123 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import make_config
+from .config import Config, make_config
 from .data.schema import Dataset
 from .metrics import metrics_from_ranks, ndcg_per_row
-from .train import Trainer, load_checkpoint, load_data, run_dir, train_cached
+from .train import Trainer, load_checkpoint, load_data, resolve_device, run_dir, train_cached
 
 TABLE_METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
 
 
+def grid_configs(datasets: Iterable[str], models: Iterable[str], seeds: Iterable[int], profile: str,
+                 overrides: dict[str, Any] | None = None) -> list[Config]:
+    """One config per (dataset, model, seed), in that nesting order."""
+    return [make_config(profile, {**(overrides or {}), "dataset": dataset, "model": model, "seed": seed})
+            for dataset in datasets for model in models for seed in seeds]
+
+
+RUN_MEMORY = 6 * 2**30  # bytes one run may need: M3BSR's peak at the default profile is 5.6 GiB (results/bench)
+
+
+def default_jobs(device: str = "auto") -> int:
+    """Runs trained at once by default: 1 on a GPU; on the CPU one per core (torch's thread count),
+    as many as fit in the machine's memory at :data:`RUN_MEMORY` each."""
+    if resolve_device(device).type == "cuda":
+        return 1
+    try:
+        fit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // RUN_MEMORY
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): cores alone
+        fit = torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), fit))
+
+
+def train_runs(cfgs: Iterable[Config], runs: str | Path, jobs: int | None = 1, log=print) -> None:
+    """Train every config whose run under ``runs`` is not finished (interrupted ones resume).
+
+    ``jobs`` = 1: one after another in this process (each dataset loaded once). ``jobs`` > 1: that
+    many worker processes, each with ``torch.get_num_threads() // jobs`` threads (at least 1), take
+    the runs (M3BSR's first); the datasets are loaded here first so that the workers find their feature
+    caches filled. On a CPU, small models use several threads poorly, so k one-thread runs side by
+    side beat k-thread runs one after another (README, "Running time"). A run's numbers depend on
+    its config, seed and device, not on the process that trains it. ``jobs=None``: :func:`default_jobs`.
+    The first failure (or an interrupt) stops every worker and is raised here.
+    """
+    todo: dict[Path, Config] = {}
+    for cfg in cfgs:
+        out = run_dir(cfg, runs)
+        if not (out / "metrics.json").exists():
+            todo.setdefault(out, cfg)
+    if not todo:
+        return
+    jobs = jobs if jobs is not None else default_jobs(next(iter(todo.values())).train.device)
+    data: dict[str, Dataset] = {}
+    for cfg in todo.values():  # loads (and caches the features of) each dataset once
+        key = repr(cfg.data)
+        if key not in data:
+            data[key] = load_data(cfg)
+    if jobs <= 1:
+        for cfg in todo.values():
+            train_cached(cfg, runs, dataset=data[repr(cfg.data)])
+        return
+    threads = max(1, torch.get_num_threads() // jobs)  # from jobs alone, however many runs are left
+    log(f"training {len(todo)} runs, {jobs} at a time ({threads} thread(s) each)")
+    # spawn: no fork of a process holding torch's threads (a calling script needs the usual
+    # `if __name__ == "__main__":` guard; without it the workers die at start and this raises)
+    pool = ProcessPoolExecutor(min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        # M3BSR runs first (one costs 7-30 baseline runs, results/04_train_time.md): short runs fill the last gaps
+        order = sorted(todo.items(), key=lambda item: item[1].model.model != "m3bsr")
+        futures = {pool.submit(_train_worker, cfg.to_dict(), str(runs), threads): out.name for out, cfg in order}
+        for i, done in enumerate(as_completed(futures), 1):
+            done.result()  # a worker's exception is raised here
+            log(f"  {i}/{len(futures)} {futures[done]}")
+    except BaseException:  # a failure or an interrupt stops every worker; their runs resume next time
+        for process in list(pool._processes.values()):  # no public way before Python 3.14's terminate_workers
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _train_worker(cfg: dict[str, Any], runs: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    train_cached(Config.from_dict(cfg), runs)
+
+
 def run_grid(datasets: Iterable[str], models: Iterable[str], seeds: Iterable[int], profile: str,
-             runs: str | Path, overrides: dict[str, Any] | None = None, log=print) -> pd.DataFrame:
-    """Train (or reuse) every (dataset, model, seed); one row per run and split with all metrics,
-    the epochs trained and ``train_seconds`` (the run's training epochs, validation excluded;
-    NaN for untrained models such as pop)."""
+             runs: str | Path, overrides: dict[str, Any] | None = None, log=print, jobs: int | None = 1) -> pd.DataFrame:
+    """Train (or reuse) every (dataset, model, seed), ``jobs`` at a time (see :func:`train_runs`);
+    one row per run and split with all metrics, the epochs trained and ``train_seconds`` (the
+    run's training epochs, validation excluded; NaN for untrained models such as pop)."""
+    cfgs = grid_configs(datasets, models, seeds, profile, overrides)
+    train_runs(cfgs, runs, jobs, log)
     rows = []
-    for dataset in datasets:
-        data: Dataset | None = None  # loaded once per dataset, only if some run is missing
-        for model in models:
-            for seed in seeds:
-                cfg = make_config(profile, {**(overrides or {}), "dataset": dataset, "model": model, "seed": seed})
-                run = run_dir(cfg, runs)
-                if not (run / "metrics.json").exists() and data is None:
-                    data = load_data(cfg)
-                result = train_cached(cfg, runs, dataset=data)
-                history = run / "history.csv"  # one row per training epoch; absent when nothing trains
-                seconds = pd.read_csv(history)["seconds"] if history.exists() else pd.Series([], dtype=float)
-                log(f"{dataset:>20} {model:>10} seed {seed}: test NDCG@10 {result['test']['NDCG@10']:.4f}")
-                for split in ("valid", "test"):
-                    rows.append({"dataset": dataset, "model": model, "seed": seed, "split": split,
-                                 "best_epoch": result.get("best_epoch"), "epochs": len(seconds),
-                                 "train_seconds": seconds.sum() if len(seconds) else float("nan"), **result[split]})
+    for cfg, cost in zip(cfgs, run_costs(cfgs, runs, unique=False).itertuples()):
+        result = train_cached(cfg, runs)  # finished: read from metrics.json
+        dataset, model, seed = cfg.data.dataset, cfg.model.model, cfg.train.seed
+        log(f"{dataset:>20} {model:>10} seed {seed}: test NDCG@10 {result['test']['NDCG@10']:.4f}")
+        for split in ("valid", "test"):
+            rows.append({"dataset": dataset, "model": model, "seed": seed, "split": split,
+                         "best_epoch": result.get("best_epoch"), "epochs": cost.epochs,
+                         "train_seconds": cost.train_seconds, **result[split]})
     return pd.DataFrame(rows)
+
+
+def run_costs(cfgs: Iterable[Config], runs: str | Path, unique: bool = True) -> pd.DataFrame:
+    """One row per run (per distinct run with ``unique``): its folder name, dataset, model, seed,
+    ``epochs`` trained and ``train_seconds`` (the sum of ``history.csv``'s per-epoch ``seconds``,
+    validation excluded; NaN when nothing trains, e.g. pop)."""
+    rows, seen = [], set()
+    for cfg in cfgs:
+        run = run_dir(cfg, runs)
+        if unique and run in seen:
+            continue
+        seen.add(run)
+        history = run / "history.csv"  # one row per training epoch; absent when nothing trains
+        seconds = pd.read_csv(history)["seconds"] if history.exists() else pd.Series([], dtype=float)
+        rows.append({"run": run.name, "dataset": cfg.data.dataset, "model": cfg.model.model, "seed": cfg.train.seed,
+                     "epochs": len(seconds), "train_seconds": seconds.sum() if len(seconds) else float("nan")})
+    return pd.DataFrame(rows, columns=["run", "dataset", "model", "seed", "epochs", "train_seconds"])
 
 
 def summarize(results: pd.DataFrame, metrics=TABLE_METRICS, split: str = "test") -> pd.DataFrame:

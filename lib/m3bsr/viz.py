@@ -36,9 +36,11 @@ def check_choice(what: str, value: Any, allowed: Iterable[Any]) -> None:
 
 
 def check_parameters(profile: str, datasets: Sequence[str], seeds: Sequence[int], device: str,
-                     data_root: str | None = None, models: Sequence[str] | None = None) -> None:
+                     data_root: str | None = None, models: Sequence[str] | None = None, jobs: int | None = None) -> None:
     """The checks every notebook's first cell after ``parameters`` runs; ValueError on a bad value."""
     check_choice("profile", profile, PROFILES)
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"jobs must be a positive integer (runs trained at once) or None, got {jobs!r}")
     if isinstance(datasets, str) or not len(datasets):
         raise ValueError(f"datasets must be a non-empty list of names, got {datasets!r}; allowed: {', '.join(DATASETS)}")
     for d in datasets:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import ConfigError
 from ..data.sequences import TIME_BOS, TIME_PAD
 
 MAX_POSITIONS = 512  # longest stream (max_len + 1) a positional table supports
@@ -21,6 +22,8 @@ class Attention(nn.Module):
 
     def __init__(self, d: int, heads: int, dropout: float):
         super().__init__()
+        if d % heads:
+            raise ConfigError(f"d={d} must be divisible by heads={heads}")
         self.h, self.dropout = heads, dropout
         self.q = nn.Linear(d, d)
         self.kv = nn.Linear(d, 2 * d)
