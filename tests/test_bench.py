@@ -32,6 +32,8 @@ def test_small_bench_writes_csv_and_markdown_with_every_measurement(tmp_path):
         assert f"| {name} |" in md, name
         float(rows[name]["value"])  # a number, not an error string
     assert float(rows["naive_max_abs_diff"]["value"]) <= TOL
+    k = next(n for n in rows if n.startswith("train_throughput_m3bsr_1x")).rsplit("x", 1)[1]  # CPU: the cores
+    assert float(rows[f"train_throughput_m3bsr_{k}x1"]["ratio"]) > 0 and int(k) >= 2
     assert "torch" in md and "threads" in md and "bf16" in md
 
 

@@ -1,11 +1,11 @@
 """``python -m m3bsr bench``: what M3BSR costs, side by side with its references (issue #6).
 
-Everything runs in one process, on the same batch, at the same d, L, T, so the **ratios** are what
+Every measurement of a bench run uses the same batch, d, L and T, so the **ratios** are what
 to read (absolute timings move with the machine's load). Each timing is the median of
 ``repeats`` runs after ``warmup`` runs; what a ratio compares is timed in turn within each repeat
 (:func:`median_times`), so a change of load hits both sides. A *train step* is forward +
-backward + one Adam step. Order: memory (fresh processes, first, while this one is small), the
-naive check, throughput and FLOP/s, evaluation, the sweeps.
+backward + one Adam step. Order: memory and the side-by-side processes (fresh processes, first,
+while this one is small), the naive check, throughput and FLOP/s, evaluation, the sweeps.
 
 ============================  ===================================================================
 measurement                   how
@@ -24,6 +24,10 @@ matmul_*                      the machine's dense matmul FLOP/s: median of a 204
 m3bsr_achieved_flops          FLOPs of one M3BSR train step (forward + backward) counted by
                               ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention,
                               dense: masked halves counted too) / median step time
+train_throughput_m3bsr_*x*    CPU: M3BSR train steps in fresh spawned processes, started together:
+                              one process with all k cores' threads, then k one-thread processes
+                              side by side (throughput summed); how several runs share a machine
+                              (``experiments.train_runs``)
 eval_*                        full-ranking evaluation of every test user with inference_steps in
                               {T, T/3, 1} (median time, NDCG@10) after a brief training (or the
                               best checkpoint of ``--run``)
@@ -58,6 +62,7 @@ import math
 import multiprocessing
 import os
 import platform
+import queue
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -443,6 +448,55 @@ def peak_memory(cfg: Config, info: DataInfo, batch: dict[str, torch.Tensor], dev
             return float("nan")
 
 
+def _steps_child(cfg_dict: dict, info: DataInfo, batch: dict, threads: int, warmup: int, repeats: int,
+                 start: Any, out: Any) -> None:
+    """In a fresh process with ``threads`` threads: M3BSR train steps; after the warm-up it waits at
+    the ``start`` barrier (so side-by-side processes time the same stretch), then puts the median
+    step time (s) on ``out``."""
+    torch.set_num_threads(threads)
+    cfg = Config.from_dict(cfg_dict)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, info)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(warmup):
+        train_step(model, opt, batch, bf16=False)
+    start.wait()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        train_step(model, opt, batch, bf16=False)
+        times.append(time.perf_counter() - t0)
+    out.put(statistics.median(times))
+
+
+def side_by_side_step_times(cfg: Config, info: DataInfo, batch: dict[str, torch.Tensor], processes: int,
+                            threads: int, warmup: int, repeats: int) -> list[float]:
+    """Median M3BSR train-step time (s) of each of ``processes`` spawned processes with ``threads``
+    threads each, running at the same time on the CPU."""
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=_steps_child, args=(cfg.to_dict(), info, batch, threads, warmup, repeats, start, out))
+             for _ in range(processes)]
+    for p in procs:
+        p.start()
+    times: list[float] = []
+    try:
+        while len(times) < processes:
+            try:
+                times.append(out.get(timeout=5))
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"a side-by-side bench process died (exit code {dead[0]})") from None
+        return times
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+
+
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
@@ -563,6 +617,8 @@ def run_bench(size: str = "full", device: str = "auto", out: str | Path | None =
                      "repeats": f"median of {r.repeats} after {sz.warmup} warm-up"})
 
     _memory(r, cfg, info, cpu_batch)  # first, while this process is small
+    if dev.type == "cpu":
+        _side_by_side(r, cfg, info, cpu_batch, setting)
     batch = _to(cpu_batch, dev)
     _throughput(r, m, info, batch, setting)
     release_memory(dev)
@@ -594,6 +650,25 @@ def _memory(r: _Run, cfg: Config, info: DataInfo, batch: dict[str, torch.Tensor]
     r.add(Row("peak_memory_sasrec", mem["sasrec"], "MiB", note=f"{how}: model + Adam + 2 train steps"))
     r.add(Row("peak_memory_m3bsr", mem["m3bsr"], "MiB", mem["m3bsr"] / mem["sasrec"] if mem["sasrec"] >= 1 else None,
               note=f"{how}; ratio = M3BSR / SASRec (none when SASRec's is below 1 MiB, the resolution)"))
+
+
+def _side_by_side(r: _Run, cfg: Config, info: DataInfo, batch: dict[str, torch.Tensor], setting: str) -> None:
+    """k = the CPU cores (at least 2; fewer when memory holds fewer runs): one M3BSR process with k
+    threads, then k one-thread ones."""
+    from .experiments import runs_that_fit  # noqa: PLC0415 (experiments imports the trainer)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    k = max(2, runs_that_fit(cores))
+    n_targets = int((batch["targets"] > 0).sum())
+    c = copy.deepcopy(cfg)
+    c.model.model = "m3bsr"
+    one = side_by_side_step_times(c, info, batch, 1, k, r.size.warmup, r.repeats)[0]
+    many = side_by_side_step_times(c, info, batch, k, 1, r.size.warmup, r.repeats)
+    r.add(Row(f"train_throughput_m3bsr_1x{k}", n_targets / one, "targets/s",
+              note=f"one process with {k} threads (fresh, spawned); {setting}"))
+    side = sum(n_targets / t for t in many)
+    r.add(Row(f"train_throughput_m3bsr_{k}x1", side, "targets/s", side * one / n_targets,
+              note=f"{k} one-thread processes side by side, throughput summed (step times "
+                   f"{', '.join(f'{t:.3g}' for t in many)} s); ratio = over one {k}-thread process"))
 
 
 def _throughput(r: _Run, m: ModelConfig, info: DataInfo, batch: dict[str, torch.Tensor], setting: str) -> None:

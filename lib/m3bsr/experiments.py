@@ -36,16 +36,19 @@ def grid_configs(datasets: Iterable[str], models: Iterable[str], seeds: Iterable
 RUN_MEMORY = 6 * 2**30  # bytes one run may need: M3BSR's peak at the default profile is 5.6 GiB (results/bench)
 
 
-def default_jobs(device: str = "auto") -> int:
-    """Runs trained at once by default: 1 on a GPU; on the CPU one per core (torch's thread count),
-    as many as fit in the machine's memory at :data:`RUN_MEMORY` each."""
-    if resolve_device(device).type == "cuda":
-        return 1
+def runs_that_fit(cores: int) -> int:
+    """``cores``, or fewer when the machine's memory holds fewer runs of :data:`RUN_MEMORY`; at least 1."""
     try:
         fit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // RUN_MEMORY
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows): cores alone
-        fit = torch.get_num_threads()
-    return max(1, min(torch.get_num_threads(), fit))
+        fit = cores
+    return max(1, min(cores, fit))
+
+
+def default_jobs(device: str = "auto") -> int:
+    """Runs trained at once by default: 1 on a GPU; on the CPU one per core (torch's thread count),
+    as many as fit in the machine's memory (:func:`runs_that_fit`)."""
+    return 1 if resolve_device(device).type == "cuda" else runs_that_fit(torch.get_num_threads())
 
 
 def train_runs(cfgs: Iterable[Config], runs: str | Path, jobs: int | None = 1, log=print) -> None:
