@@ -94,6 +94,12 @@ def test_parallel_training_gives_the_numbers_of_one_process(tmp_path):
     assert len(lines) == 3
 
 
+@pytest.mark.parametrize("jobs", [0, -1, 1.5, True])
+def test_jobs_must_be_a_positive_integer(tmp_path, jobs):
+    with pytest.raises(ConfigError, match="jobs must be a positive integer"):
+        experiments.train_runs([], tmp_path, jobs=jobs)
+
+
 def test_a_failing_parallel_run_raises_here(tmp_path):
     cfgs = experiments.grid_configs(["synthetic"], ["sasrec"], [0, 1], "ci", {**OVER, "heads": 3})  # d=32
     with pytest.raises(ConfigError, match="divisible by heads=3"):

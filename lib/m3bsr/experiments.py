@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import Config, make_config
+from .config import Config, ConfigError, make_config
 from .data.schema import Dataset
 from .metrics import metrics_from_ranks, ndcg_per_row
 from .train import Trainer, load_checkpoint, load_data, resolve_device, run_dir, train_cached
@@ -62,6 +62,8 @@ def train_runs(cfgs: Iterable[Config], runs: str | Path, jobs: int | None = 1, l
     its config, seed and device, not on the process that trains it. ``jobs=None``: :func:`default_jobs`.
     The first failure (or an interrupt) stops every worker and is raised here.
     """
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ConfigError(f"jobs must be a positive integer (runs trained at once) or None, got {jobs!r}")
     todo: dict[Path, Config] = {}
     for cfg in cfgs:
         out = run_dir(cfg, runs)
