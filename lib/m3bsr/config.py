@@ -197,3 +197,9 @@ def make_config(profile: str = "default", overrides: dict[str, Any] | None = Non
     for k, v in {**PROFILES[profile], **(overrides or {})}.items():
         cfg.set(k, v)
     return cfg
+
+
+def check_jobs(jobs: Any) -> None:
+    """``jobs`` (runs trained at once) must be None or a positive integer; ConfigError otherwise."""
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ConfigError(f"jobs must be a positive integer (runs trained at once) or None, got {jobs!r}")

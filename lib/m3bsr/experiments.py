@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import Config, ConfigError, make_config
+from .config import Config, check_jobs, make_config
 from .data.schema import Dataset
 from .metrics import metrics_from_ranks, ndcg_per_row
 from .train import Trainer, load_checkpoint, load_data, resolve_device, run_dir, train_cached
@@ -62,8 +62,7 @@ def train_runs(cfgs: Iterable[Config], runs: str | Path, jobs: int | None = 1, l
     its config, seed and device, not on the process that trains it. ``jobs=None``: :func:`default_jobs`.
     The first failure (or an interrupt) stops every worker and is raised here.
     """
-    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
-        raise ConfigError(f"jobs must be a positive integer (runs trained at once) or None, got {jobs!r}")
+    check_jobs(jobs)
     todo: dict[Path, Config] = {}
     for cfg in cfgs:
         out = run_dir(cfg, runs)
@@ -87,7 +86,7 @@ def train_runs(cfgs: Iterable[Config], runs: str | Path, jobs: int | None = 1, l
     # `if __name__ == "__main__":` guard; without it the workers die at start and this raises)
     pool = ProcessPoolExecutor(min(jobs, len(todo)), mp_context=multiprocessing.get_context("spawn"))
     try:
-        # M3BSR runs first (one costs 7-30 baseline runs, results/04_train_time.md): short runs fill the last gaps
+        # M3BSR runs first (the longest, results/04_train_time.md): short runs fill the last gaps
         order = sorted(todo.items(), key=lambda item: item[1].model.model != "m3bsr")
         futures = {pool.submit(_train_worker, cfg.to_dict(), str(runs), threads): out.name for out, cfg in order}
         for i, done in enumerate(as_completed(futures), 1):

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .config import CHOICES, PROFILES, repo_root
+from .config import CHOICES, PROFILES, check_jobs, repo_root
 from .data.schema import Dataset
 
 DATASETS = tuple(d for d in CHOICES["dataset"] if d != "csv")  # the named sources a notebook can load
@@ -39,8 +39,7 @@ def check_parameters(profile: str, datasets: Sequence[str], seeds: Sequence[int]
                      data_root: str | None = None, models: Sequence[str] | None = None, jobs: int | None = None) -> None:
     """The checks every notebook's first cell after ``parameters`` runs; ValueError on a bad value."""
     check_choice("profile", profile, PROFILES)
-    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
-        raise ValueError(f"jobs must be a positive integer (runs trained at once) or None, got {jobs!r}")
+    check_jobs(jobs)  # ConfigError, a ValueError
     if isinstance(datasets, str) or not len(datasets):
         raise ValueError(f"datasets must be a non-empty list of names, got {datasets!r}; allowed: {', '.join(DATASETS)}")
     for d in datasets:
