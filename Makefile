@@ -6,7 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PROFILE ?= default
+# PLAN: quick | full, how much of notebooks 04-06's studies to run; empty: quick under the default profile
+PLAN ?=
 STAMP := $(VENV)/.installed
+comma := ,
 
 .PHONY: install test reproduce notebooks clean
 
@@ -22,8 +25,8 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# Notebooks, run in order. `make reproduce` executes each in place on PROFILE, so the committed
-# notebooks carry real outputs. `make test` copies them to build/notebooks with the ci parameters
+# Notebooks, run in order. `make reproduce` executes each in place on PROFILE and PLAN (the committed
+# notebooks: `make reproduce PLAN=full`, hours on a CPU), so the committed notebooks carry real outputs. `make test` copies them to build/notebooks with the ci parameters
 # injected (papermill --prepare-only: parameters applied, nothing executed, stored outputs kept for
 # the `# NBVAL_CHECK_OUTPUT` cells), nbval executes each copy once, then the figures it wrote are checked.
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
@@ -39,7 +42,7 @@ test: $(STAMP)
 	M3BSR_CI_BUILD=$(NB_BUILD) $(PY) -m pytest tests/test_notebooks.py -k ci_run_wrote_figures
 
 notebooks: $(STAMP)
-	for nb in $(NOTEBOOKS); do echo "papermill $$nb (profile $(PROFILE))"; $(PAPERMILL) $$nb $$nb -p profile $(PROFILE) || exit 1; done
+	for nb in $(NOTEBOOKS); do echo "papermill $$nb (profile $(PROFILE)$(if $(PLAN),$(comma) plan $(PLAN)))"; $(PAPERMILL) $$nb $$nb -p profile $(PROFILE) $(if $(PLAN),-p plan $(PLAN)) || exit 1; done
 
 reproduce: notebooks
 

@@ -15,7 +15,7 @@ from m3bsr import viz
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-COMMON_PARAMETERS = {"profile", "datasets", "seeds", "device", "data_root", "figures_dir", "results_dir", "runs_dir"}
+COMMON_PARAMETERS = {"profile", "plan", "datasets", "seeds", "device", "data_root", "figures_dir", "results_dir", "runs_dir"}
 # figures each notebook must write under the ci profile (name stems; PNG and PDF each)
 CI_FIGURES = {
     "01_data_preparation": ["01_sequence_lengths", "01_alignment", "01_poster_neighbours"],
@@ -65,6 +65,13 @@ def test_committed_notebook_carries_default_profile_outputs(path):
     assert all("profile = \"ci\"" not in c.source for c in injected)
 
 
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem[:2] in ("04", "05", "06")], ids=lambda p: p.stem)
+def test_committed_studies_are_the_full_plan(path):
+    """The README's tables and the notebooks' summaries describe the full plan (`make reproduce PLAN=full`)."""
+    parameters = nbformat.read(path, as_version=4).metadata.get("papermill", {}).get("parameters", {})
+    assert parameters.get("plan") == "full"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
 def test_no_machine_paths_in_committed_cells(path):
     text = json.dumps([{"source": c.source, "outputs": c.get("outputs", [])} for c in nbformat.read(path, 4).cells])
@@ -94,6 +101,7 @@ def test_unknown_dataset_fails_in_the_validation_cell(path, tmp_path):
     (dict(data_root="no/such/folder"), "'no/such/folder'"),
     (dict(jobs=0), "got 0"),
     (dict(jobs=1.5), "got 1.5"),
+    (dict(plan="tiny"), "'tiny'"),
 ])
 def test_check_parameters_names_the_bad_value(kwargs, bad):
     args = dict(profile="ci", datasets=["synthetic"], seeds=[0], device="cpu", data_root=None, models=None)
@@ -104,6 +112,13 @@ def test_check_parameters_names_the_bad_value(kwargs, bad):
 
 def test_check_parameters_accepts_the_defaults():
     viz.check_parameters("ci", list(viz.DATASETS), [0, 1], "auto", None, ["pop", "sasrec"])
+
+
+def test_plan_follows_the_profile_unless_given():
+    assert [viz.resolve_plan(None, p) for p in ("ci", "default", "paper")] == ["full", "quick", "full"]
+    assert [viz.resolve_plan(plan, "default") for plan in ("quick", "full")] == ["quick", "full"]
+    with pytest.raises(ValueError, match="'Full'"):
+        viz.resolve_plan("Full", "paper")
 
 
 def test_figures_are_byte_identical_on_rerun(tmp_path):

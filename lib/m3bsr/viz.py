@@ -35,10 +35,28 @@ def check_choice(what: str, value: Any, allowed: Iterable[Any]) -> None:
         raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(map(str, allowed))}")
 
 
+PLANS = {  # a notebook's `plan` parameter: how much of its study to run (the profile sets each run's size)
+    "quick": "the default profile's hour on a 2-core CPU: synthetic data only, the two chains' ablations, "
+             "three T, the strongest favor perturbations",
+    "full": "every dataset, variant and sweep point of the notebook: the stored outputs (hours on a CPU)",
+}
+
+
+def resolve_plan(plan: str | None, profile: str) -> str:
+    """``plan`` itself, or for None the profile's: ``quick`` under ``default``, ``full`` under ``ci``
+    (tiny runs, every code path) and ``paper`` (the whole study). ValueError on an unknown plan."""
+    if plan is None:
+        return "quick" if profile == "default" else "full"
+    check_choice("plan", plan, PLANS)
+    return plan
+
+
 def check_parameters(profile: str, datasets: Sequence[str], seeds: Sequence[int], device: str,
-                     data_root: str | None = None, models: Sequence[str] | None = None, jobs: int | None = None) -> None:
+                     data_root: str | None = None, models: Sequence[str] | None = None, jobs: int | None = None,
+                     plan: str | None = None) -> None:
     """The checks every notebook's first cell after ``parameters`` runs; ValueError on a bad value."""
     check_choice("profile", profile, PROFILES)
+    resolve_plan(plan, profile)
     check_jobs(jobs)  # ConfigError, a ValueError
     if isinstance(datasets, str) or not len(datasets):
         raise ValueError(f"datasets must be a non-empty list of names, got {datasets!r}; allowed: {', '.join(DATASETS)}")
