@@ -25,10 +25,11 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# Notebooks, run in order. `make reproduce` executes each in place on PROFILE and PLAN (the committed
-# notebooks: `make reproduce PLAN=full`, hours on a CPU), so the committed notebooks carry real outputs. `make test` copies them to build/notebooks with the ci parameters
-# injected (papermill --prepare-only: parameters applied, nothing executed, stored outputs kept for
-# the `# NBVAL_CHECK_OUTPUT` cells), nbval executes each copy once, then the figures it wrote are checked.
+# Notebooks, run in order. `make reproduce` executes each in place on PROFILE and PLAN, so the
+# committed notebooks (`make reproduce PLAN=full`, hours on a CPU) carry real outputs. `make test`
+# copies them to build/notebooks with the ci parameters injected (papermill --prepare-only:
+# parameters applied, nothing executed, stored outputs kept for the `# NBVAL_CHECK_OUTPUT` cells),
+# nbval executes each copy once, then the figures it wrote are checked.
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 PAPERMILL := $(PY) -m papermill --no-progress-bar --log-level WARNING
 NB_BUILD := build

@@ -121,6 +121,22 @@ def test_plan_follows_the_profile_unless_given():
         viz.resolve_plan("Full", "paper")
 
 
+def test_quick_plan_runs_end_to_end_under_ci(tmp_path):
+    """`make reproduce` runs notebooks 04-06's quick plan, `make test` their full plan (the ci default):
+    this runs the quick one at ci scale and checks it kept what it says it keeps."""
+    import pandas as pd
+    import papermill
+    out = {name: str(tmp_path / name.removesuffix("_dir")) for name in ("figures_dir", "results_dir", "runs_dir")}
+    for path in [p for p in NOTEBOOKS if p.stem[:2] in ("04", "05", "06")]:
+        papermill.execute_notebook(str(path), str(tmp_path / path.name), progress_bar=False, cwd=str(tmp_path),
+                                   parameters={"profile": "ci", "plan": "quick", **out})
+    results = tmp_path / "results"
+    assert set(pd.read_csv(results / "04_main_full.csv")["dataset"]) == {"synthetic"}
+    assert list(pd.read_csv(results / "05_ablations.csv")["variant"])[:3] == ["full", "w/o CDMD", "w/o CDBD"]
+    assert list(pd.read_csv(results / "05_steps.csv")["T"]) == [1, 5, 15]
+    assert len(pd.read_csv(results / "06_genre_scores.csv")) == 0  # no MovieLens run in the quick plan
+
+
 def test_figures_are_byte_identical_on_rerun(tmp_path):
     import matplotlib
     matplotlib.use("Agg")

@@ -35,11 +35,10 @@ def check_choice(what: str, value: Any, allowed: Iterable[Any]) -> None:
         raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(map(str, allowed))}")
 
 
-PLANS = {  # a notebook's `plan` parameter: how much of its study to run (the profile sets each run's size)
-    "quick": "the default profile's hour on a 2-core CPU: synthetic data only, the two chains' ablations, "
-             "three T, the strongest favor perturbations",
-    "full": "every dataset, variant and sweep point of the notebook: the stored outputs (hours on a CPU)",
-}
+# A notebook's `plan`: how many runs it trains (the profile sets each run's size). quick: the default
+# profile's hour on a 2-core CPU (fewer datasets, variants and sweep points; each notebook says which);
+# full: all of them, the committed outputs.
+PLANS = ("quick", "full")
 
 
 def resolve_plan(plan: str | None, profile: str) -> str:
