@@ -6,7 +6,7 @@ import csv
 import pytest
 import torch
 
-from m3bsr.bench import MEASUREMENTS, TOL, NaiveM3BSR, naive_max_abs_diff, random_batch, random_info
+from m3bsr.bench import COMPILED, MEASUREMENTS, TOL, NaiveM3BSR, naive_max_abs_diff, random_batch, random_info
 from m3bsr.cli import main
 from m3bsr.config import ModelConfig
 from m3bsr.models.m3bsr import M3BSR
@@ -22,19 +22,21 @@ def one_thread():
 
 
 def test_small_bench_writes_csv_and_markdown_with_every_measurement(tmp_path):
-    assert main(["bench", "--size", "small", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)]) == 0
-    csv_path, md_path = tmp_path / "bench-small-cpu.csv", tmp_path / "bench-small-cpu.md"
+    args = ["bench", "--size", "small", "--device", "cpu", "--threads", "1", "--compile", "--out", str(tmp_path)]
+    assert main(args) == 0
+    csv_path, md_path = tmp_path / "bench-small-cpu-compile.csv", tmp_path / "bench-small-cpu-compile.md"
     lines = [line for line in csv_path.read_text().splitlines() if not line.startswith("#")]
     rows = {r["measurement"]: r for r in csv.DictReader(lines)}
     md = md_path.read_text()
-    for name in MEASUREMENTS:
+    for name in MEASUREMENTS + COMPILED:
         assert name in rows, name
         assert f"| {name} |" in md, name
         float(rows[name]["value"])  # a number, not an error string
     assert float(rows["naive_max_abs_diff"]["value"]) <= TOL
     k = next(n for n in rows if n.startswith("train_throughput_m3bsr_1x")).rsplit("x", 1)[1]  # CPU: the cores
     assert float(rows[f"train_throughput_m3bsr_{k}x1"]["ratio"]) > 0 and int(k) >= 2
-    assert "torch" in md and "threads" in md and "bf16" in md
+    assert float(rows["train_throughput_m3bsr_compiled"]["ratio"]) > 0  # compiled / eager, timed in turn
+    assert "torch" in md and "threads" in md and "bf16" in md and "- **compile**: on" in md
 
 
 @pytest.mark.parametrize("kw, levels", [

@@ -20,6 +20,10 @@ naive_max_abs_diff            :class:`NaiveM3BSR` (same weights) vs M3BSR on one
                               mode: all targets in one pass, and one forward per target (on the
                               batch's first rows); the bench raises if either differs by > ``TOL``
 train_throughput_naive*       the naive reference's train throughput; ratio = fast / naive
+train_throughput_*_compiled   with ``--compile``: the same train step with ``torch.compile(model.loss)``
+                              (default mode, as ``--set compile=true`` trains), on a second copy of
+                              each model; ratio = compiled / eager; the note gives the first
+                              (compiling) step's time
 matmul_*                      the machine's dense matmul FLOP/s: median of a 2048 x 2048 matmul
 m3bsr_achieved_flops          FLOPs of one M3BSR train step (forward + backward) counted by
                               ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention,
@@ -47,11 +51,12 @@ only that target's history padded to L+1 (a straightforward implementation that 
 per sequence), timed on a few evenly spaced target positions (each costs the same; throughput =
 targets covered / time).
 
-Writes ``<out>/bench-<size>-<device>[-bf16].csv`` and ``.md``. ``--size small`` is a smoke run (tiny
-synthetic data, one repeat, well under a minute on 2 cores).
+Writes ``<out>/bench-<size>-<device>[-bf16][-compile].csv`` and ``.md``. ``--size small`` is a smoke run (tiny
+synthetic data, one repeat, well under a minute on 2 cores; with ``--compile`` a few minutes).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import ctypes
@@ -116,7 +121,7 @@ SIZES = {
                  naive_positions=5, equal_rows=16, sweep_batch=32),
 }
 
-# the measurements every run reports (CUDA adds matmul_bf16)
+# the measurements every run reports (CUDA adds matmul_bf16, --compile adds COMPILED)
 MEASUREMENTS = (
     "train_throughput_sasrec", "train_throughput_m3bsr", "peak_memory_sasrec", "peak_memory_m3bsr",
     "naive_max_abs_diff", "train_throughput_naive_loops", "train_throughput_naive",
@@ -126,6 +131,7 @@ MEASUREMENTS = (
     "step_time_L=20", "step_time_L=50", "step_time_L=100", "step_time_L=200",
     "step_time_items=1682", "step_time_items=9724", "step_time_items=50000",
 )
+COMPILED = ("train_throughput_sasrec_compiled", "train_throughput_m3bsr_compiled")
 
 
 @dataclass
@@ -321,6 +327,13 @@ def median_times(fns: dict[str, Callable[[], Any]], device: torch.device, repeat
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def fresh_compile_cache() -> contextlib.AbstractContextManager:
+    """torch.compile's in-process caches cleared and its disk cache in a new temporary folder (removed on
+    exit): a compile inside is timed from cold, as on a new machine, whatever compiled before."""
+    from torch._inductor.utils import fresh_inductor_cache  # noqa: PLC0415 (heavy, and only for --compile)
+    return fresh_inductor_cache()
+
+
 def release_memory(device: torch.device) -> None:
     """Hand freed memory back to the system between phases (glibc keeps freed heap pages)."""
     gc.collect()
@@ -332,10 +345,12 @@ def release_memory(device: torch.device) -> None:
         pass
 
 
-def train_step(model: Recommender, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], bf16: bool) -> None:
+def train_step(model: Recommender, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], bf16: bool,
+               loss_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
+    """Forward + backward + one Adam step; ``loss_fn``: ``model.loss`` or a compiled version of it."""
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = model.loss(batch)["loss"]
+        loss = (loss_fn or model.loss)(batch)["loss"]
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -555,6 +570,7 @@ class _Run:
     device: torch.device
     repeats: int
     bf16: bool
+    compile: bool  # also time torch.compile'd train steps
     epochs: int  # brief training before the evaluation measurements
     log: Callable[[str], None]
     out: Path
@@ -571,23 +587,26 @@ class _Run:
 
     def save(self) -> tuple[Path, Path]:
         self.header["seconds"] = round(time.perf_counter() - self.t0)
-        bf16 = "-bf16" if self.header.get("bf16") == "on" else ""
-        return write_results(self.rows, self.header, self.out, f"bench-{self.header['size']}-{self.device.type}{bf16}")
+        suffix = "".join(f"-{k}" for k in ("bf16", "compile") if self.header.get(k) == "on")
+        stem = f"bench-{self.header['size']}-{self.device.type}{suffix}"
+        return write_results(self.rows, self.header, self.out, stem)
 
     def times(self, fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
         return median_times(fns, self.device, self.repeats, self.size.warmup)
 
-    def step(self, model: Recommender, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
-        """A train-step closure with its own Adam."""
+    def step(self, model: Recommender, batch: dict[str, torch.Tensor], compiled: bool = False) -> Callable[[], None]:
+        """A train-step closure with its own Adam (``compiled``: through ``torch.compile(model.loss)``)."""
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         model.train()
-        return lambda: train_step(model, opt, batch, self.bf16)
+        loss_fn = torch.compile(model.loss) if compiled else None
+        return lambda: train_step(model, opt, batch, self.bf16, loss_fn)
 
 
 def run_bench(size: str = "full", device: str = "auto", out: str | Path | None = None, run: str | Path | None = None,
               threads: int | None = None, repeats: int | None = None, epochs: int | None = None,
-              batch_size: int | None = None, bf16: bool = False, log: Callable[[str], None] = print) -> list[Row]:
-    """Run every measurement, write ``<out>/bench-<size>-<device>[-bf16].{csv,md}``, return the rows."""
+              batch_size: int | None = None, bf16: bool = False, compile: bool = False,
+              log: Callable[[str], None] = print) -> list[Row]:
+    """Run every measurement, write ``<out>/bench-<size>-<device>[-bf16][-compile].{csv,md}``, return the rows."""
     from .train import data_info, load_data, resolve_device  # noqa: PLC0415
 
     sz = SIZES[size]
@@ -596,8 +615,9 @@ def run_bench(size: str = "full", device: str = "auto", out: str | Path | None =
         torch.set_num_threads(threads)
     if bf16 and dev.type != "cuda":
         raise ConfigError("--bf16 is for CUDA (CPU bf16 matmuls are emulated on most CPUs)")
-    r = _Run(sz, dev, repeats if repeats is not None else sz.repeats, bf16, epochs if epochs is not None else sz.epochs,
-             log, Path(out) if out is not None else repo_root() / "results" / "bench")
+    r = _Run(sz, dev, repeats if repeats is not None else sz.repeats, bf16, compile,
+             epochs if epochs is not None else sz.epochs, log,
+             Path(out) if out is not None else repo_root() / "results" / "bench")
 
     # the same batch, d, L and T for every model
     cfg = make_config(sz.profile, {"dataset": sz.dataset, **sz.overrides, "device": str(dev), "bf16": bf16,
@@ -613,7 +633,8 @@ def run_bench(size: str = "full", device: str = "auto", out: str | Path | None =
     setting = f"{ds.name}, batch {len(order)} ({n_targets} targets), d={m.d}, L={cfg.data.max_len}, T={m.T}"
     log(f"bench {size} on {_device_name(dev)}, {torch.get_num_threads()} threads: {setting}")
     r.header.update({"device": _device_name(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "bf16": "on" if bf16 else "off", "size": size, "setting": setting,
+                     "bf16": "on" if bf16 else "off", "compile": "on" if compile else "off", "size": size,
+                     "setting": setting,
                      "repeats": f"median of {r.repeats} after {sz.warmup} warm-up"})
 
     _memory(r, cfg, info, cpu_batch)  # first, while this process is small
@@ -692,8 +713,17 @@ def _throughput(r: _Run, m: ModelConfig, info: DataInfo, batch: dict[str, torch.
     positions = [k for k in positions if (batch["targets"][:, k] > 0).any()]
     per_target = sum(int((batch["targets"][:, k] > 0).sum()) for k in positions)
     opt = torch.optim.Adam(naive.parameters(), lr=1e-3)
-    secs = r.times({"sasrec": r.step(sasrec, batch), "m3bsr": r.step(fast, batch), "naive_loops": r.step(naive, batch),
-                    "naive": lambda: per_target_train_step(naive.train(), opt, batch, positions, r.bf16)})
+    steps = {"sasrec": r.step(sasrec, batch), "m3bsr": r.step(fast, batch), "naive_loops": r.step(naive, batch),
+             "naive": lambda: per_target_train_step(naive.train(), opt, batch, positions, r.bf16)}
+    first = {}  # the first compiled step: tracing and compiling from cold caches, then the step
+    with fresh_compile_cache() if r.compile else contextlib.nullcontext():
+        for name in ("sasrec", "m3bsr") if r.compile else ():
+            steps[f"{name}_compiled"] = r.step(_build(m, info, dev, name), batch, compiled=True)
+            t0 = time.perf_counter()
+            steps[f"{name}_compiled"]()
+            _sync(dev)
+            first[name] = time.perf_counter() - t0
+        secs = r.times(steps)
     thr = {k: n_targets / v for k, v in secs.items()}
     thr["naive"] = per_target / secs["naive"]
     r.add(Row("train_throughput_sasrec", thr["sasrec"], "targets/s", note=setting))
@@ -705,7 +735,14 @@ def _throughput(r: _Run, m: ModelConfig, info: DataInfo, batch: dict[str, torch.
     r.add(Row("train_throughput_naive", thr["naive"], "targets/s", thr["m3bsr"] / thr["naive"], ">= 3",
               f"naive as above, one forward+backward per target position on its history (L+1 long), timed on "
               f"positions {positions} of {K} ({per_target} targets); ratio = fast / naive"))
-    del naive, opt
+    for name in first:
+        both = (f"; M3BSR / SASRec, both compiled: {thr['m3bsr_compiled'] / thr['sasrec_compiled']:.3g}"
+                if name == "m3bsr" else "")
+        r.add(Row(f"train_throughput_{name}_compiled", thr[f"{name}_compiled"], "targets/s",
+                  thr[f"{name}_compiled"] / thr[name],
+                  note=f"torch.compile(model.loss), default mode; first step (compiling from a cold cache) "
+                       f"{first[name]:.0f} s; ratio = compiled / eager{both}"))
+    del naive, opt, steps
     release_memory(dev)
 
     peak = {"fp32": matmul_flops(dev, torch.float32)}

@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", default="default", choices=sorted(PROFILES))
 
     b = sub.add_parser("bench", help="M3BSR's throughput, memory, FLOP/s and eval time, side by side (bench.py)")
-    b.add_argument("--size", default="full", choices=["small", "full"], help="small: a < 60 s smoke run")
+    b.add_argument("--size", default="full", choices=["small", "full"],
+                   help="small: a smoke run (< 60 s without --compile)")
     b.add_argument("--device", default="auto", help="auto | cpu | cuda")
     b.add_argument("--out", help="output folder (default: results/bench)")
     b.add_argument("--run", help="a run folder whose best.pt is evaluated (default: train M3BSR briefly)")
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--epochs", type=int, help="epochs of the brief training before the eval measurements")
     b.add_argument("--batch", type=int, help="rows of the training batch (default: the size's, full: 256)")
     b.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    b.add_argument("--compile", action="store_true", help="also time torch.compile'd train steps (minutes to compile)")
     return p
 
 
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         elif a.command == "bench":
             from .bench import run_bench  # noqa: PLC0415
             run_bench(a.size, a.device, a.out, run=a.run, threads=a.threads, repeats=a.repeats, epochs=a.epochs,
-                      batch_size=a.batch, bf16=a.bf16)
+                      batch_size=a.batch, bf16=a.bf16, compile=a.compile)
         elif a.command == "stats":
             from .data.sources import load_dataset  # noqa: PLC0415
             cfg = make_config(a.profile, {"dataset": a.dataset, **({"data_root": a.data_root} if a.data_root else {})})
