@@ -22,8 +22,8 @@ naive_max_abs_diff            :class:`NaiveM3BSR` (same weights) vs M3BSR on one
 train_throughput_naive*       the naive reference's train throughput; ratio = fast / naive
 train_throughput_*_compiled   with ``--compile``: the same train step with ``torch.compile(model.loss)``
                               (default mode, as ``--set compile=true`` trains), on a second copy of
-                              each model; ratio = compiled / eager; the note gives the first
-                              (compiling) step's time
+                              each model; ratio = compiled / eager; the note gives the time of
+                              the first (compiling) step, from a cold compile cache
 matmul_*                      the machine's dense matmul FLOP/s: median of a 2048 x 2048 matmul
 m3bsr_achieved_flops          FLOPs of one M3BSR train step (forward + backward) counted by
                               ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention,
