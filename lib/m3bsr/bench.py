@@ -587,7 +587,7 @@ class _Run:
 
     def save(self) -> tuple[Path, Path]:
         self.header["seconds"] = round(time.perf_counter() - self.t0)
-        suffix = "".join(f"-{k}" for k in ("bf16", "compile") if self.header.get(k) == "on")
+        suffix = ("-bf16" if self.bf16 else "") + ("-compile" if self.compile else "")
         stem = f"bench-{self.header['size']}-{self.device.type}{suffix}"
         return write_results(self.rows, self.header, self.out, stem)
 
