@@ -34,7 +34,9 @@ train_throughput_m3bsr_*x*    CPU: M3BSR train steps in fresh spawned processes,
                               (``experiments.train_runs``)
 eval_*                        full-ranking evaluation of every test user with inference_steps in
                               {T, T/3, 1} (median time, NDCG@10) after a brief training (or the
-                              best checkpoint of ``--run``)
+                              best checkpoint of ``--run``); ``eval_flops_*``: the same evaluations'
+                              FLOPs, counted as above; their ratio is the speed-up that T/3 or 1
+                              step would give if every operation ran at the same FLOP/s
 step_time_L=* / items=*       M3BSR train step on random full-length batches (every position an
                               event) against L and against the catalogue size (real sizes and
                               feature dims, random features)
@@ -127,6 +129,7 @@ MEASUREMENTS = (
     "naive_max_abs_diff", "train_throughput_naive_loops", "train_throughput_naive",
     "matmul_fp32", "m3bsr_step_flops", "m3bsr_achieved_flops", "sasrec_achieved_flops",
     "eval_train_seconds", "eval_seconds_T", "eval_seconds_T/3", "eval_seconds_1",
+    "eval_flops_T", "eval_flops_T/3", "eval_flops_1",
     "eval_ndcg10_T", "eval_ndcg10_T/3", "eval_ndcg10_1",
     "step_time_L=20", "step_time_L=50", "step_time_L=100", "step_time_L=200",
     "step_time_items=1682", "step_time_items=9724", "step_time_items=50000",
@@ -382,24 +385,32 @@ def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-def step_flops(model: Recommender, batch: dict[str, torch.Tensor], bf16: bool) -> int:
-    """FLOPs of one forward + backward, by ``FlopCounterMode`` (plus CPU flash attention, which
-    torch's table lacks)."""
+def counted_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of ``fn()`` by ``FlopCounterMode`` (plus CPU flash attention, which torch's table lacks)."""
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
     aten = torch.ops.aten
     extra = {}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         extra = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
                  aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
-    device = next(model.parameters()).device
     counter = FlopCounterMode(display=False, custom_mapping=extra)
-    model.train()
     with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def step_flops(model: Recommender, batch: dict[str, torch.Tensor], bf16: bool) -> int:
+    """FLOPs of one forward + backward (:func:`counted_flops`)."""
+    device = next(model.parameters()).device
+    model.train()
+
+    def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model.loss(batch)["loss"]
         loss.backward()
+    flops = counted_flops(step)
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return flops
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -802,7 +813,9 @@ def _evaluation(r: _Run, cfg: Config, ds, run: str | Path | None) -> None:
             ndcg[label], hr[label] = res["NDCG@10"], res["HR@10"]
         return score
 
-    secs = r.times({label: scorer(label, n) for label, n in steps.items()})
+    scorers = {label: scorer(label, n) for label, n in steps.items()}
+    secs = r.times(scorers)
+    flops = {label: counted_flops(score) for label, score in scorers.items()}
     n_users = len(test["users"])
     users = f"{n_users} test users, batches of {ecfg.train.eval_batch_size}"
     for label, n in steps.items():
@@ -810,6 +823,10 @@ def _evaluation(r: _Run, cfg: Config, ds, run: str | Path | None) -> None:
         r.add(Row(f"eval_seconds_{label}", secs[label], "s", secs[label] if first else secs["T"] / secs[label],
                   {"T": "< 10", "T/3": ">= 2.5"}.get(label, ""),
                   f"{users}, inference_steps={n}" + ("" if first else "; ratio = speed-up over T")))
+    for label, n in steps.items():
+        r.add(Row(f"eval_flops_{label}", flops[label] / 1e9, "GFLOP", flops["T"] / flops[label],
+                  note=f"FlopCounterMode, the whole evaluation at inference_steps={n}; ratio = FLOPs at T / "
+                       "FLOPs here (the speed-up over T if every operation ran at the same FLOP/s)"))
     for label, n in steps.items():
         loss = (ndcg["T"] - ndcg[label]) / ndcg["T"] if label != "T" and ndcg["T"] > 0 else None
         se = math.sqrt(max(hr[label] - ndcg[label] ** 2, 0.0) / n_users)  # per-user NDCG@10 in [0, 1], 0 unless a hit
