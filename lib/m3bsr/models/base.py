@@ -48,7 +48,8 @@ class Recommender(nn.Module):
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         """``(..., d)`` -> ``(..., N+1)``; the padding item 0 can never win."""
         z = self.out(y)
-        return z.masked_fill(_pad_col(z), float("-inf"))
+        z[..., 0] = float("-inf")  # in place: no second (targets, N+1) tensor
+        return z
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """CE over all items at every target, plus the model's weighted auxiliary terms.
@@ -71,9 +72,3 @@ class Recommender(nn.Module):
         """Scores of all items for each row's first target: ``(B, N+1)`` (column 0 = padding)."""
         y, _ = self.user_vectors(batch)
         return self.logits(y[:, 0]).float()
-
-
-def _pad_col(z: torch.Tensor) -> torch.Tensor:
-    m = torch.zeros(z.shape[-1], dtype=torch.bool, device=z.device)
-    m[0] = True
-    return m

@@ -406,4 +406,5 @@ class M3BSR(Recommender):
         if not self.cfg.tie_weights:
             return super().logits(y)
         z = F.linear(y, self.item.weight.to(y.dtype), self.out_bias.to(y.dtype))
-        return z.masked_fill(torch.arange(z.shape[-1], device=z.device) == 0, float("-inf"))
+        z[..., 0] = float("-inf")
+        return z
