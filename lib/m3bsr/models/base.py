@@ -30,7 +30,9 @@ class DataInfo:
 class Recommender(nn.Module):
     """Base class. Subclasses implement :meth:`user_vectors`; override loss/score when needed.
 
-    The default prediction layer is ``p(i | y) = softmax(W y + b)`` over all items.
+    The default prediction layer is ``p(i | y) = softmax(W y + b)`` over all items; a model with
+    another head (e.g. tied to its item table) overrides :meth:`item_scores`, and :meth:`logits`
+    masks the padding item for all of them.
     """
 
     trainable = True
@@ -45,9 +47,13 @@ class Recommender(nn.Module):
         """-> (y ``(B, K, d)``, auxiliary losses {name: scalar})."""
         raise NotImplementedError
 
+    def item_scores(self, y: torch.Tensor) -> torch.Tensor:
+        """``(..., d)`` -> a new ``(..., N+1)`` tensor of raw scores (subclasses override the head)."""
+        return self.out(y)
+
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         """``(..., d)`` -> ``(..., N+1)``; the padding item 0 can never win."""
-        z = self.out(y)
+        z = self.item_scores(y)
         z[..., 0] = float("-inf")  # in place: no second (targets, N+1) tensor
         return z
 

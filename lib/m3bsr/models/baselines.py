@@ -67,10 +67,8 @@ class SASRec(Recommender):
         idx = history_index(batch["times"][:, -1:], batch["target_times"])[:, 0]  # (B, K)
         return gather_positions(h, idx), {}
 
-    def logits(self, y):
-        z = y @ self.item_table().T
-        z[..., 0] = float("-inf")
-        return z
+    def item_scores(self, y):
+        return y @ self.item_table().T
 
 
 class SASRecMM(SASRec):

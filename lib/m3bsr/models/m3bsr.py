@@ -402,9 +402,7 @@ class M3BSR(Recommender):
                    modalities=list(self.modalities))
         return rec
 
-    def logits(self, y: torch.Tensor) -> torch.Tensor:
+    def item_scores(self, y: torch.Tensor) -> torch.Tensor:
         if not self.cfg.tie_weights:
-            return super().logits(y)
-        z = F.linear(y, self.item.weight.to(y.dtype), self.out_bias.to(y.dtype))
-        z[..., 0] = float("-inf")
-        return z
+            return super().item_scores(y)
+        return F.linear(y, self.item.weight.to(y.dtype), self.out_bias.to(y.dtype))

@@ -64,11 +64,9 @@ class BERT4Rec(Recommender):
         h = self.drop(self.item(x) + self.pos.weight[:x.shape[1]])
         return self.encoder(h, keys[:, None, :])
 
-    def logits(self, y: torch.Tensor) -> torch.Tensor:
+    def item_scores(self, y: torch.Tensor) -> torch.Tensor:
         """``(..., d)`` -> ``(..., N+1)``: GELU transform, tied item table, output bias."""
-        z = self.head(y) @ self.item.weight[:self.n_items + 1].T + self.bias
-        z[..., 0] = float("-inf")
-        return z
+        return self.head(y) @ self.item.weight[:self.n_items + 1].T + self.bias
 
     def mask_items(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cloze masking. items ``(B, L)`` (0 = padding) -> (inputs ``(B, L)``, labels ``(B, L)``, 0 = not masked)."""
@@ -196,10 +194,8 @@ class MBT(Recommender):
         idx = (tm[:, None, 1:] < batch["target_times"][:, :, None]).sum(-1)  # (B, K): last merged event before
         return gather_positions(h, idx), {}
 
-    def logits(self, y):
-        z = y @ self.item.weight.T
-        z[..., 0] = float("-inf")
-        return z
+    def item_scores(self, y):
+        return y @ self.item.weight.T
 
 
 def diffurec_betas(name: str, T: int) -> torch.Tensor:
@@ -305,10 +301,8 @@ class DiffuRec(Recommender):
         visible = torch.arange(h.shape[1], device=h.device) <= idx[..., None]  # (B, K, L+1)
         return self.out_ln(self.drop(self.denoiser(q, visible, h)))
 
-    def logits(self, y):
-        z = y @ self.item.weight.T
-        z[..., 0] = float("-inf")
-        return z
+    def item_scores(self, y):
+        return y @ self.item.weight.T
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         h, idx = self.encode(batch)
