@@ -6,7 +6,8 @@ import csv
 import pytest
 import torch
 
-from m3bsr.bench import COMPILED, MEASUREMENTS, TOL, NaiveM3BSR, naive_max_abs_diff, random_batch, random_info
+from m3bsr.bench import (COMPILED, MEASUREMENTS, TIME_SHARES, TOL, NaiveM3BSR, naive_max_abs_diff, random_batch,
+                         random_info, time_shares)
 from m3bsr.cli import main
 from m3bsr.config import ModelConfig
 from m3bsr.models.m3bsr import M3BSR
@@ -28,7 +29,7 @@ def test_small_bench_writes_csv_and_markdown_with_every_measurement(tmp_path):
     lines = [line for line in csv_path.read_text().splitlines() if not line.startswith("#")]
     rows = {r["measurement"]: r for r in csv.DictReader(lines)}
     md = md_path.read_text()
-    for name in MEASUREMENTS + COMPILED:
+    for name in MEASUREMENTS + COMPILED + TIME_SHARES:  # a CPU run
         assert name in rows, name
         assert f"| {name} |" in md, name
         float(rows[name]["value"])  # a number, not an error string
@@ -37,6 +38,18 @@ def test_small_bench_writes_csv_and_markdown_with_every_measurement(tmp_path):
     assert float(rows[f"train_throughput_m3bsr_{k}x1"]["ratio"]) > 0 and int(k) >= 2
     assert float(rows["train_throughput_m3bsr_compiled"]["ratio"]) > 0  # compiled / eager, timed in turn
     assert "torch" in md and "threads" in md and "bf16" in md and "- **compile**: on" in md
+    for model in ("sasrec", "m3bsr"):
+        shares = [float(rows[f"{model}_time_{kind}"]["ratio"]) for kind in ("matmul", "random", "other")]
+        assert shares[0] > 0 and shares[1] > 0 and sum(shares) == pytest.approx(1, abs=1e-3)  # dropout: both draw
+
+
+def test_time_shares_sort_operators_by_kind():
+    a = torch.randn(64, 64)
+    mm, seconds = time_shares(lambda: a @ a)
+    assert mm["matmul"] > 0 and mm["random"] == 0 and seconds > 0
+    draw, _ = time_shares(lambda: torch.empty(1000).normal_())
+    assert draw["random"] > 0 and draw["matmul"] == 0
+    assert sum(draw.values()) == pytest.approx(1)
 
 
 @pytest.mark.parametrize("kw, levels", [

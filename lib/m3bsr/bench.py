@@ -28,6 +28,11 @@ matmul_*                      the machine's dense matmul FLOP/s: median of a 204
 m3bsr_achieved_flops          FLOPs of one M3BSR train step (forward + backward) counted by
                               ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention,
                               dense: masked halves counted too) / median step time
+*_time_matmul|random|other    CPU: where one train step's time goes (M3BSR, SASRec): the profiler's
+                              self CPU time per operator, as shares of the step (:func:`time_shares`),
+                              times the median step time; the matmul row also gives those operators'
+                              own FLOP/s and the fraction the step would reach with them at the
+                              measured matmul FLOP/s
 train_throughput_m3bsr_*x*    CPU: M3BSR train steps in fresh spawned processes, started together:
                               one process with all k cores' threads, then k one-thread processes
                               side by side (throughput summed); how several runs share a machine
@@ -135,6 +140,15 @@ MEASUREMENTS = (
     "step_time_items=1682", "step_time_items=9724", "step_time_items=50000",
 )
 COMPILED = ("train_throughput_sasrec_compiled", "train_throughput_m3bsr_compiled")
+# CPU runs add where each model's step time goes (:func:`time_shares`)
+TIME_SHARES = tuple(f"{m}_time_{kind}" for m in ("sasrec", "m3bsr") for kind in ("matmul", "random", "other"))
+
+# the operators whose FLOPs FlopCounterMode counts in a CPU train step (matmuls, attention) and the
+# random draws (dropout masks, diffusion noise); :func:`time_shares` files every other one under "other"
+MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+                        "aten::_scaled_dot_product_flash_attention_for_cpu",
+                        "aten::_scaled_dot_product_flash_attention_for_cpu_backward"})
+RANDOM_OPS = frozenset({"aten::bernoulli_", "aten::normal_", "aten::uniform_", "aten::random_"})
 
 
 @dataclass
@@ -411,6 +425,28 @@ def step_flops(model: Recommender, batch: dict[str, torch.Tensor], bf16: bool) -
     flops = counted_flops(step)
     model.zero_grad(set_to_none=True)
     return flops
+
+
+def time_shares(step: Callable[[], Any]) -> tuple[dict[str, float], float]:
+    """Shares of one CPU ``step()``'s time by kind of operator, and the profiled step's seconds.
+
+    ``torch.profiler``'s self CPU time of every operator is summed into "matmul"
+    (:data:`MATMUL_OPS`), "random" (:data:`RANDOM_OPS`) and "other" (elementwise, normalisation,
+    softmax, copies, the optimizer), over their total. The profiler adds a little time to every
+    operator call, so the many small "other" calls weigh somewhat more than they do unprofiled
+    (compare the profiled step's seconds with an unprofiled one).
+    """
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - t0
+    secs = dict.fromkeys(("matmul", "random", "other"), 0.0)
+    for event in prof.key_averages():
+        kind = "matmul" if event.key in MATMUL_OPS else "random" if event.key in RANDOM_OPS else "other"
+        secs[kind] += event.self_cpu_time_total
+    total = sum(secs.values())
+    return {kind: t / total for kind, t in secs.items()}, seconds
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -735,6 +771,7 @@ def _throughput(r: _Run, m: ModelConfig, info: DataInfo, batch: dict[str, torch.
             _sync(dev)
             first[name] = time.perf_counter() - t0
         secs = r.times(steps)
+    shares = {name: time_shares(steps[name]) for name in ("sasrec", "m3bsr")} if dev.type == "cpu" else {}
     thr = {k: n_targets / v for k, v in secs.items()}
     thr["naive"] = per_target / secs["naive"]
     r.add(Row("train_throughput_sasrec", thr["sasrec"], "targets/s", note=setting))
@@ -770,6 +807,21 @@ def _throughput(r: _Run, m: ModelConfig, info: DataInfo, batch: dict[str, torch.
         r.add(Row(f"{name}_achieved_flops", ach / 1e9, "GFLOP/s", ach / ref, ">= 0.25" if name == "m3bsr" else "",
                   f"counted FLOPs / train-step time; ratio = fraction of the measured {'bf16' if r.bf16 else 'fp32'} "
                   "matmul FLOP/s"))
+    for name, (share, profiled) in shares.items():
+        t_mm = share["matmul"] * secs[name]
+        ceiling = flops[name] / (flops[name] / ref + secs[name] - t_mm) / ref
+        r.add(Row(f"{name}_time_matmul", t_mm, "s", share["matmul"],
+                  note=f"matmuls and attention (the operators whose FLOPs are counted): share of one step's "
+                       f"profiled self CPU time (that step: {profiled:.3g} s) x median step time "
+                       f"({secs[name]:.3g} s); they run at {flops[name] / t_mm / 1e9:.3g} GFLOP/s "
+                       f"= {flops[name] / t_mm / ref:.2f} of the measured matmul FLOP/s; at that FLOP/s, with the "
+                       f"rest of the step unchanged, the step would reach {ceiling:.2f} of it; ratio = share"))
+        r.add(Row(f"{name}_time_random", share["random"] * secs[name], "s", share["random"],
+                  note="random draws: dropout masks" + (" and diffusion noise" if name == "m3bsr" else "")
+                       + "; ratio = share of the step, as above"))
+        r.add(Row(f"{name}_time_other", share["other"] * secs[name], "s", share["other"],
+                  note="every other operator: elementwise, normalisation, softmax, copies, gathers, Adam; "
+                       "ratio = share of the step, as above"))
 
 
 def _evaluation(r: _Run, cfg: Config, ds, run: str | Path | None) -> None:

@@ -67,7 +67,7 @@ class SASRec(Recommender):
         idx = history_index(batch["times"][:, -1:], batch["target_times"])[:, 0]  # (B, K)
         return gather_positions(h, idx), {}
 
-    def item_scores(self, y):
+    def item_scores(self, y: torch.Tensor) -> torch.Tensor:
         return y @ self.item_table().T
 
 

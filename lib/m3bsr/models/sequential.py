@@ -194,7 +194,7 @@ class MBT(Recommender):
         idx = (tm[:, None, 1:] < batch["target_times"][:, :, None]).sum(-1)  # (B, K): last merged event before
         return gather_positions(h, idx), {}
 
-    def item_scores(self, y):
+    def item_scores(self, y: torch.Tensor) -> torch.Tensor:
         return y @ self.item.weight.T
 
 
@@ -301,7 +301,7 @@ class DiffuRec(Recommender):
         visible = torch.arange(h.shape[1], device=h.device) <= idx[..., None]  # (B, K, L+1)
         return self.out_ln(self.drop(self.denoiser(q, visible, h)))
 
-    def item_scores(self, y):
+    def item_scores(self, y: torch.Tensor) -> torch.Tensor:
         return y @ self.item.weight.T
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
