@@ -142,12 +142,7 @@ MEASUREMENTS = (
 COMPILED = ("train_throughput_sasrec_compiled", "train_throughput_m3bsr_compiled")
 # CPU runs add where each model's step time goes (:func:`time_shares`)
 TIME_SHARES = tuple(f"{m}_time_{kind}" for m in ("sasrec", "m3bsr") for kind in ("matmul", "random", "other"))
-
-# the operators whose FLOPs FlopCounterMode counts in a CPU train step (matmuls, attention) and the
-# random draws (dropout masks, diffusion noise); :func:`time_shares` files every other one under "other"
-MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
-                        "aten::_scaled_dot_product_flash_attention_for_cpu",
-                        "aten::_scaled_dot_product_flash_attention_for_cpu_backward"})
+# the random draws (dropout masks, diffusion noise), one of the kinds :func:`time_shares` sorts operators into
 RANDOM_OPS = frozenset({"aten::bernoulli_", "aten::normal_", "aten::uniform_", "aten::random_"})
 
 
@@ -399,15 +394,25 @@ def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-def counted_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of ``fn()`` by ``FlopCounterMode`` (plus CPU flash attention, which torch's table lacks)."""
-    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+def _cpu_attention_flops() -> dict:
+    """FLOP formulas for CPU flash attention (forward, backward), which torch's table lacks."""
     aten = torch.ops.aten
-    extra = {}
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        extra = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
-                 aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
-    counter = FlopCounterMode(display=False, custom_mapping=extra)
+    if not hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        return {}
+    return {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
+
+
+def counted_ops() -> frozenset[str]:
+    """Names of the operators :func:`counted_flops` counts, as the profiler writes them (``aten::mm``)."""
+    from torch.utils.flop_counter import flop_registry  # noqa: PLC0415
+    return frozenset(getattr(op, "_qualified_op_name", str(op)) for op in [*flop_registry, *_cpu_attention_flops()])
+
+
+def counted_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of ``fn()`` by ``FlopCounterMode`` (plus CPU flash attention, :func:`_cpu_attention_flops`)."""
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+    counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops())
     with counter:
         fn()
     return counter.get_total_flops()
@@ -430,11 +435,12 @@ def step_flops(model: Recommender, batch: dict[str, torch.Tensor], bf16: bool) -
 def time_shares(step: Callable[[], Any]) -> tuple[dict[str, float], float]:
     """Shares of one CPU ``step()``'s time by kind of operator, and the profiled step's seconds.
 
-    ``torch.profiler``'s self CPU time of every operator is summed into "matmul"
-    (:data:`MATMUL_OPS`), "random" (:data:`RANDOM_OPS`) and "other" (elementwise, normalisation,
-    softmax, copies, the optimizer), over their total. The profiler adds a little time to every
-    operator call, so the many small "other" calls weigh somewhat more than they do unprofiled
-    (compare the profiled step's seconds with an unprofiled one).
+    ``torch.profiler``'s self CPU time of every operator is summed into "matmul" (the operators
+    whose FLOPs are counted, :func:`counted_ops`: matmuls and attention), "random"
+    (:data:`RANDOM_OPS`) and "other" (elementwise, normalisation, softmax, copies, the optimizer),
+    over their total. The profiler adds a little time to every operator call, so the many small
+    "other" calls weigh somewhat more than they do unprofiled (compare the profiled step's seconds
+    with an unprofiled one).
     """
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -442,8 +448,9 @@ def time_shares(step: Callable[[], Any]) -> tuple[dict[str, float], float]:
         step()
         seconds = time.perf_counter() - t0
     secs = dict.fromkeys(("matmul", "random", "other"), 0.0)
+    matmul = counted_ops()
     for event in prof.key_averages():
-        kind = "matmul" if event.key in MATMUL_OPS else "random" if event.key in RANDOM_OPS else "other"
+        kind = "matmul" if event.key in matmul else "random" if event.key in RANDOM_OPS else "other"
         secs[kind] += event.self_cpu_time_total
     total = sum(secs.values())
     return {kind: t / total for kind, t in secs.items()}, seconds
