@@ -27,7 +27,10 @@ train_throughput_*_compiled   with ``--compile``: the same train step with ``tor
 matmul_*                      the machine's dense matmul FLOP/s: median of a 2048 x 2048 matmul
 m3bsr_achieved_flops          FLOPs of one M3BSR train step (forward + backward) counted by
                               ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention,
-                              dense: masked halves counted too) / median step time
+                              dense: masked halves counted too; a fused attention kernel's backward
+                              with the scores it recomputes, explicit matmuls' without: attention
+                              with dropout, explicit on the CPU and fused on CUDA, counts less on
+                              the CPU) / median step time
 *_time_matmul|random|other    CPU: where one train step's time goes (M3BSR, SASRec): the profiler's
                               self CPU time per operator, as shares of the step (:func:`time_shares`),
                               times the median step time; the matmul row also gives those operators'
