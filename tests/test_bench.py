@@ -6,10 +6,11 @@ import csv
 import pytest
 import torch
 
-from m3bsr.bench import (COMPILED, MEASUREMENTS, TIME_SHARES, TOL, NaiveM3BSR, naive_max_abs_diff, random_batch,
-                         random_info, time_shares)
+from m3bsr.bench import (COMPILED, MEASUREMENTS, TIME_SHARES, TOL, NaiveM3BSR, counted_flops, naive_max_abs_diff,
+                         random_batch, random_info, time_shares)
 from m3bsr.cli import main
 from m3bsr.config import ModelConfig
+from m3bsr.models.layers import Attention
 from m3bsr.models.m3bsr import M3BSR
 
 
@@ -50,6 +51,19 @@ def test_time_shares_sort_operators_by_kind():
     draw, _ = time_shares(lambda: torch.empty(1000).normal_())
     assert draw["random"] > 0 and draw["matmul"] == 0
     assert sum(draw.values()) == pytest.approx(1)
+
+
+def test_attention_with_dropout_counts_its_backward_without_recomputed_scores():
+    """CPU attention with dropout runs as explicit matmuls (backward: 2x the forward's FLOPs); without
+    dropout the fused kernel, whose counted backward recomputes the scores (2.5x). The README's gap
+    between the CPU's and CUDA's step FLOPs is this difference on the Transformers' attention."""
+    B, L, d, heads = 4, 7, 8, 2
+    x = torch.randn(B, L, d, requires_grad=True)
+    fwd = 2 * (2 * B * L * L * d)  # Q K^T and P V over all heads
+    linears = 3 * (2 * B * L * d * (d + 2 * d + d))  # q, kv, proj: forward, grad input, grad weight
+    for p, backward in ((0.5, 2 * fwd), (0.0, 5 * fwd // 2)):
+        att = Attention(d, heads, p).train()
+        assert counted_flops(lambda: att(x, x).sum().backward()) == linears + fwd + backward, p
 
 
 @pytest.mark.parametrize("kw, levels", [
