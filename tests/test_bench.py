@@ -6,8 +6,8 @@ import csv
 import pytest
 import torch
 
-from m3bsr.bench import (COMPILED, MEASUREMENTS, TIME_SHARES, TOL, NaiveM3BSR, counted_flops, naive_max_abs_diff,
-                         random_batch, random_info, time_shares)
+from m3bsr.bench import (COMPILED, HOST_MEMORY, MEASUREMENTS, TIME_SHARES, TOL, NaiveM3BSR, counted_flops,
+                         naive_max_abs_diff, random_batch, random_info, time_shares)
 from m3bsr.cli import main
 from m3bsr.config import ModelConfig
 from m3bsr.models.layers import Attention
@@ -30,13 +30,14 @@ def test_small_bench_writes_csv_and_markdown_with_every_measurement(tmp_path):
     lines = [line for line in csv_path.read_text().splitlines() if not line.startswith("#")]
     rows = {r["measurement"]: r for r in csv.DictReader(lines)}
     md = md_path.read_text()
-    for name in MEASUREMENTS + COMPILED + TIME_SHARES:  # a CPU run
+    for name in MEASUREMENTS + COMPILED + TIME_SHARES + HOST_MEMORY:  # a CPU run
         assert name in rows, name
         assert f"| {name} |" in md, name
         float(rows[name]["value"])  # a number, not an error string
     assert float(rows["naive_max_abs_diff"]["value"]) <= TOL
     k = next(n for n in rows if n.startswith("train_throughput_m3bsr_1x")).rsplit("x", 1)[1]  # CPU: the cores
     assert float(rows[f"train_throughput_m3bsr_{k}x1"]["ratio"]) > 0 and int(k) >= 2
+    assert all(float(rows[name]["ratio"]) > 0 for name in HOST_MEMORY)  # kept / glibc's default, timed in turn
     assert float(rows["train_throughput_m3bsr_compiled"]["ratio"]) > 0  # compiled / eager, timed in turn
     assert "torch" in md and "threads" in md and "bf16" in md and "- **compile**: on" in md
     for model in ("sasrec", "m3bsr"):

@@ -9,7 +9,9 @@ import pytest
 
 from m3bsr.cli import main
 from m3bsr.config import ConfigError, make_config
-from m3bsr.train import CheckpointError, Trainer, load_checkpoint, save_checkpoint
+from m3bsr.models.registry import MODELS
+from m3bsr import train
+from m3bsr.train import CheckpointError, Trainer, kept_host_memory, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,6 +108,58 @@ def test_evaluate_with_fewer_inference_steps(tmp_path):
     with pytest.raises(ConfigError, match="not lr"):
         evaluate_run(run, "cpu", {"lr": "0.5"})
     assert main(["evaluate", "--run", str(run), "--set", "inference_steps=9"]) == 2  # > T
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise OSError("no VmRSS")
+
+
+@pytest.mark.skipif(train._glibc() is None, reason="kept_host_memory changes glibc's malloc only")
+def test_kept_host_memory_keeps_freed_memory_until_the_outermost_block_ends():
+    import torch
+
+    def freed_mib() -> float:  # what freeing a touched 64 MiB tensor gives back to the system
+        x = torch.ones(16 * 2 ** 20)
+        before = _rss_mib()
+        del x
+        return before - _rss_mib()
+
+    assert freed_mib() > 48  # by default glibc unmaps a large block when it is freed
+    with kept_host_memory():
+        with kept_host_memory():
+            assert freed_mib() < 8  # kept in the process for the next allocation
+        assert freed_mib() < 8  # an inner block's end changes nothing
+        x = torch.ones(16 * 2 ** 20)
+        del x
+        before = _rss_mib()
+    assert before - _rss_mib() > 48  # the outermost end hands it back
+    assert freed_mib() > 48  # and glibc unmaps freed blocks again
+
+
+@pytest.mark.parametrize("model", [m for m in MODELS if MODELS[m].trainable])
+def test_kept_host_memory_changes_no_number(tmp_path, monkeypatch, model):
+    """Reused memory is not zeroed as fresh pages are: a train epoch or an evaluation that read memory
+    it never wrote would differ here. One thread, as two split some reductions differently from run
+    to run."""
+    import torch
+
+    def epoch_and_ranks():
+        tr = Trainer(ci_config(tmp_path, model=model))
+        losses = tr.train_epoch()
+        return losses, tr.ranks("valid")[0], [p.detach().clone() for p in tr.model.parameters()]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        kept = epoch_and_ranks()
+        monkeypatch.setattr(train, "_glibc", lambda: None)  # kept_host_memory does nothing
+        plain = epoch_and_ranks()
+    finally:
+        torch.set_num_threads(threads)
+    assert kept[0] == plain[0] and kept[1].equal(plain[1])
+    assert all(a.equal(b) for a, b in zip(kept[2], plain[2]))
 
 
 def test_all_items_scored_equal_gives_zero_hits(tmp_path):

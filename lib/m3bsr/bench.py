@@ -4,7 +4,8 @@ Every measurement of a bench run uses the same batch, d, L and T, so the **ratio
 to read (absolute timings move with the machine's load). Each timing is the median of
 ``repeats`` runs after ``warmup`` runs; what a ratio compares is timed in turn within each repeat
 (:func:`median_times`), so a change of load hits both sides. A *train step* is forward +
-backward + one Adam step. Order: memory and the side-by-side processes (fresh processes, first,
+backward + one Adam step. Steps and evaluations run as in the trainer, with the host memory they
+free kept for the next one (:func:`m3bsr.train.kept_host_memory`). Order: memory and the side-by-side processes (fresh processes, first,
 while this one is small), the naive check, throughput and FLOP/s, evaluation, the sweeps.
 
 ============================  ===================================================================
@@ -40,6 +41,10 @@ train_throughput_m3bsr_*x*    CPU: M3BSR train steps in fresh spawned processes,
                               one process with all k cores' threads, then k one-thread processes
                               side by side (throughput summed); how several runs share a machine
                               (``experiments.train_runs``)
+host_memory_kept_*            CPU: SASRec's and M3BSR's train throughput with the host memory a step
+                              frees kept for the next (:func:`m3bsr.train.kept_host_memory`) over
+                              glibc's default allocation, in fresh one-thread processes (page faults
+                              a step in the note)
 eval_*                        full-ranking evaluation of every test user with inference_steps in
                               {T, T/3, 1} (median time, NDCG@10) after a brief training (or the
                               best checkpoint of ``--run``); ``eval_flops_*``: the same evaluations'
@@ -69,7 +74,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import ctypes
 import gc
 import io
 import json
@@ -93,6 +97,7 @@ from .models.diffusion import ConditionalChain
 from .models.layers import before_mask, causal_mask, gather_positions, sinusoidal
 from .models.m3bsr import M3BSR, level_weights
 from .models.registry import build_model
+from .train import Trainer, data_info, evaluate, kept_host_memory, load_data, resolve_device, trim_host_memory
 
 TOL = 1e-9  # max |naive - fast| on the user vectors, compared in float64 (float32 rounding alone is ~1e-4)
 FEATURE_DIMS = {"image": 1280, "text": 384}  # the MovieLens -mm encoders' output sizes
@@ -145,6 +150,8 @@ MEASUREMENTS = (
 COMPILED = ("train_throughput_sasrec_compiled", "train_throughput_m3bsr_compiled")
 # CPU runs add where each model's step time goes (:func:`time_shares`)
 TIME_SHARES = tuple(f"{m}_time_{kind}" for m in ("sasrec", "m3bsr") for kind in ("matmul", "random", "other"))
+# and each model's train throughput with freed host memory kept over glibc's default (:func:`_kept_memory`)
+HOST_MEMORY = ("host_memory_kept_sasrec", "host_memory_kept_m3bsr")
 # the random draws (dropout masks, diffusion noise), one of the kinds :func:`time_shares` sorts operators into
 RANDOM_OPS = frozenset({"aten::bernoulli_", "aten::normal_", "aten::uniform_", "aten::random_"})
 
@@ -354,10 +361,7 @@ def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    trim_host_memory()
 
 
 def train_step(model: Recommender, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], bf16: bool,
@@ -474,6 +478,7 @@ def _rss_kib(field: str) -> int:
     raise OSError(f"no {field} in /proc/self/status")
 
 
+@kept_host_memory()  # as the trainer runs its steps
 def _memory_child(cfg_dict: dict, info: DataInfo, batch: dict, threads: int) -> float:
     """In a fresh process: peak RSS growth (MiB) over building the model, Adam, two train steps.
 
@@ -521,47 +526,54 @@ def peak_memory(cfg: Config, info: DataInfo, batch: dict[str, torch.Tensor], dev
 
 
 def _steps_child(cfg_dict: dict, info: DataInfo, batch: dict, threads: int, warmup: int, repeats: int,
-                 start: Any, out: Any) -> None:
-    """In a fresh process with ``threads`` threads: M3BSR train steps; after the warm-up it waits at
-    the ``start`` barrier (so side-by-side processes time the same stretch), then puts the median
-    step time (s) on ``out``."""
-    torch.set_num_threads(threads)
-    cfg = Config.from_dict(cfg_dict)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, info)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(warmup):
-        train_step(model, opt, batch, bf16=False)
-    start.wait()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        train_step(model, opt, batch, bf16=False)
-        times.append(time.perf_counter() - t0)
-    out.put(statistics.median(times))
+                 keep: bool, start: Any, out: Any) -> None:
+    """In a fresh process with ``threads`` threads: train steps of the config's model; after the
+    warm-up it waits at the ``start`` barrier (so side-by-side processes time the same stretch), then
+    puts the median step time (s) and the median page faults per step on ``out``. ``keep``: freed host memory kept
+    for the next step, as the trainer keeps it (:func:`~m3bsr.train.kept_host_memory`); else
+    glibc's default allocation."""
+    import resource  # noqa: PLC0415 (Unix only)
+    with kept_host_memory() if keep else contextlib.nullcontext():
+        torch.set_num_threads(threads)
+        cfg = Config.from_dict(cfg_dict)
+        torch.manual_seed(0)
+        model = build_model(cfg.model, info)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model.train()
+        for _ in range(warmup):
+            train_step(model, opt, batch, bf16=False)
+        start.wait()
+        times, faults = [], []
+        for _ in range(repeats):
+            f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+            train_step(model, opt, batch, bf16=False)
+            times.append(time.perf_counter() - t0)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        out.put((statistics.median(times), statistics.median(faults)))
 
 
 def side_by_side_step_times(cfg: Config, info: DataInfo, batch: dict[str, torch.Tensor], processes: int,
-                            threads: int, warmup: int, repeats: int) -> list[float]:
-    """Median M3BSR train-step time (s) of each of ``processes`` spawned processes with ``threads``
-    threads each, running at the same time on the CPU."""
+                            threads: int, warmup: int, repeats: int, keep: bool = True) -> list[tuple[float, float]]:
+    """Median train-step time (s) and page faults per step of ``cfg``'s model in each of ``processes`` spawned
+    processes with ``threads`` threads each, running at the same time on the CPU (``keep``: see
+    :func:`_steps_child`)."""
     ctx = multiprocessing.get_context("spawn")
     start, out = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=_steps_child, args=(cfg.to_dict(), info, batch, threads, warmup, repeats, start, out))
+    procs = [ctx.Process(target=_steps_child,
+                         args=(cfg.to_dict(), info, batch, threads, warmup, repeats, keep, start, out))
              for _ in range(processes)]
     for p in procs:
         p.start()
-    times: list[float] = []
+    results: list[tuple[float, float]] = []
     try:
-        while len(times) < processes:
+        while len(results) < processes:
             try:
-                times.append(out.get(timeout=5))
+                results.append(out.get(timeout=5))
             except queue.Empty:
                 dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
                 if dead:
                     raise RuntimeError(f"a side-by-side bench process died (exit code {dead[0]})") from None
-        return times
+        return results
     finally:
         for p in procs:
             p.join(timeout=10)
@@ -659,13 +671,12 @@ class _Run:
         return lambda: train_step(model, opt, batch, self.bf16, loss_fn)
 
 
+@kept_host_memory()  # every step and evaluation as the trainer runs them
 def run_bench(size: str = "full", device: str = "auto", out: str | Path | None = None, run: str | Path | None = None,
               threads: int | None = None, repeats: int | None = None, epochs: int | None = None,
               batch_size: int | None = None, bf16: bool = False, compile: bool = False,
               log: Callable[[str], None] = print) -> list[Row]:
     """Run every measurement, write ``<out>/bench-<size>-<device>[-bf16][-compile].{csv,md}``, return the rows."""
-    from .train import data_info, load_data, resolve_device  # noqa: PLC0415
-
     sz = SIZES[size]
     dev = resolve_device(device)
     if threads is not None:
@@ -697,6 +708,7 @@ def run_bench(size: str = "full", device: str = "auto", out: str | Path | None =
     _memory(r, cfg, info, cpu_batch)  # first, while this process is small
     if dev.type == "cpu":
         _side_by_side(r, cfg, info, cpu_batch, setting)
+        _kept_memory(r, cfg, info, cpu_batch)
     batch = _to(cpu_batch, dev)
     _throughput(r, m, info, batch, setting)
     release_memory(dev)
@@ -739,14 +751,33 @@ def _side_by_side(r: _Run, cfg: Config, info: DataInfo, batch: dict[str, torch.T
     n_targets = int((batch["targets"] > 0).sum())
     c = copy.deepcopy(cfg)
     c.model.model = "m3bsr"
-    one = side_by_side_step_times(c, info, batch, 1, k, r.size.warmup, r.repeats)[0]
-    many = side_by_side_step_times(c, info, batch, k, 1, r.size.warmup, r.repeats)
+    one = side_by_side_step_times(c, info, batch, 1, k, r.size.warmup, r.repeats)[0][0]
+    many = [t for t, _ in side_by_side_step_times(c, info, batch, k, 1, r.size.warmup, r.repeats)]
     r.add(Row(f"train_throughput_m3bsr_1x{k}", n_targets / one, "targets/s",
               note=f"one process with {k} threads (fresh, spawned); {setting}"))
     side = sum(n_targets / t for t in many)
     r.add(Row(f"train_throughput_m3bsr_{k}x1", side, "targets/s", side * one / n_targets,
               note=f"{k} one-thread processes side by side, throughput summed (step times "
                    f"{', '.join(f'{t:.3g}' for t in many)} s); ratio = over one {k}-thread process"))
+
+
+def _kept_memory(r: _Run, cfg: Config, info: DataInfo, batch: dict[str, torch.Tensor]) -> None:
+    """SASRec's and M3BSR's train steps with freed host memory kept (as the trainer keeps it) and with
+    glibc's default allocation, each in a fresh one-thread process, in the order kept, default,
+    default, kept (a drift of the machine's speed hits both)."""
+    n_targets = int((batch["targets"] > 0).sum())
+    for name in ("sasrec", "m3bsr"):
+        c = copy.deepcopy(cfg)
+        c.model.model = name
+        res: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+        for keep in (True, False, False, True):
+            res[keep] += side_by_side_step_times(c, info, batch, 1, 1, r.size.warmup, r.repeats, keep=keep)
+        secs = {k: statistics.mean(t for t, _ in v) for k, v in res.items()}
+        faults = {k: statistics.mean(f for _, f in v) for k, v in res.items()}
+        r.add(Row(f"host_memory_kept_{name}", n_targets / secs[True], "targets/s", secs[False] / secs[True],
+                  note=f"one-thread processes; with glibc's default allocation {n_targets / secs[False]:.4g} "
+                       f"targets/s; page faults a step {faults[True]:.0f} kept, {faults[False]:.0f} default; "
+                       "ratio = kept / default"))
 
 
 def _throughput(r: _Run, m: ModelConfig, info: DataInfo, batch: dict[str, torch.Tensor], setting: str) -> None:
@@ -836,7 +867,6 @@ def _throughput(r: _Run, m: ModelConfig, info: DataInfo, batch: dict[str, torch.
 
 def _evaluation(r: _Run, cfg: Config, ds, run: str | Path | None) -> None:
     """Full-ranking evaluation of every test user with inference_steps T, T/3, 1 (timed in turn)."""
-    from .train import Trainer, evaluate  # noqa: PLC0415
     dev = r.device
     deterministic = torch.are_deterministic_algorithms_enabled()
     if run is not None:
