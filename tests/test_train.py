@@ -6,11 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from m3bsr import train
 from m3bsr.cli import main
 from m3bsr.config import ConfigError, make_config
 from m3bsr.models.registry import MODELS
-from m3bsr import train
 from m3bsr.train import CheckpointError, Trainer, kept_host_memory, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,16 +112,12 @@ def test_evaluate_with_fewer_inference_steps(tmp_path):
 
 
 def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise OSError("no VmRSS")
+    from m3bsr.bench import _rss_kib
+    return _rss_kib("VmRSS") / 1024
 
 
 @pytest.mark.skipif(train._glibc() is None, reason="kept_host_memory changes glibc's malloc only")
 def test_kept_host_memory_keeps_freed_memory_until_the_outermost_block_ends():
-    import torch
-
     def freed_mib() -> float:  # what freeing a touched 64 MiB tensor gives back to the system
         x = torch.ones(16 * 2 ** 20)
         before = _rss_mib()
@@ -144,8 +141,6 @@ def test_kept_host_memory_changes_no_number(tmp_path, monkeypatch, model):
     """Reused memory is not zeroed as fresh pages are: a train epoch or an evaluation that read memory
     it never wrote would differ here. One thread, as two split some reductions differently from run
     to run."""
-    import torch
-
     def epoch_and_ranks():
         tr = Trainer(ci_config(tmp_path, model=model))
         losses = tr.train_epoch()

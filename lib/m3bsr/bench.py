@@ -5,8 +5,9 @@ to read (absolute timings move with the machine's load). Each timing is the medi
 ``repeats`` runs after ``warmup`` runs; what a ratio compares is timed in turn within each repeat
 (:func:`median_times`), so a change of load hits both sides. A *train step* is forward +
 backward + one Adam step. Steps and evaluations run as in the trainer, with the host memory they
-free kept for the next one (:func:`m3bsr.train.kept_host_memory`). Order: memory and the side-by-side processes (fresh processes, first,
-while this one is small), the naive check, throughput and FLOP/s, evaluation, the sweeps.
+free kept for the next one (:func:`m3bsr.train.kept_host_memory`). Order: memory, the side-by-side
+and kept-memory processes (fresh processes, first, while this one is small), the naive check,
+throughput and FLOP/s, evaluation, the sweeps.
 
 ============================  ===================================================================
 measurement                   how
@@ -529,9 +530,9 @@ def _steps_child(cfg_dict: dict, info: DataInfo, batch: dict, threads: int, warm
                  keep: bool, start: Any, out: Any) -> None:
     """In a fresh process with ``threads`` threads: train steps of the config's model; after the
     warm-up it waits at the ``start`` barrier (so side-by-side processes time the same stretch), then
-    puts the median step time (s) and the median page faults per step on ``out``. ``keep``: freed host memory kept
-    for the next step, as the trainer keeps it (:func:`~m3bsr.train.kept_host_memory`); else
-    glibc's default allocation."""
+    puts the median step time (s) and the median page faults per step on ``out``. ``keep``: freed
+    host memory kept for the next step, as the trainer keeps it
+    (:func:`~m3bsr.train.kept_host_memory`); else glibc's default allocation."""
     import resource  # noqa: PLC0415 (Unix only)
     with kept_host_memory() if keep else contextlib.nullcontext():
         torch.set_num_threads(threads)
@@ -553,10 +554,11 @@ def _steps_child(cfg_dict: dict, info: DataInfo, batch: dict, threads: int, warm
 
 
 def side_by_side_step_times(cfg: Config, info: DataInfo, batch: dict[str, torch.Tensor], processes: int,
-                            threads: int, warmup: int, repeats: int, keep: bool = True) -> list[tuple[float, float]]:
-    """Median train-step time (s) and page faults per step of ``cfg``'s model in each of ``processes`` spawned
-    processes with ``threads`` threads each, running at the same time on the CPU (``keep``: see
-    :func:`_steps_child`)."""
+                            threads: int, warmup: int, repeats: int,
+                            keep: bool = True) -> list[tuple[float, float]]:
+    """Median train-step time (s) and page faults per step of ``cfg``'s model in each of
+    ``processes`` spawned processes with ``threads`` threads each, running at the same time on the
+    CPU (``keep``: see :func:`_steps_child`)."""
     ctx = multiprocessing.get_context("spawn")
     start, out = ctx.Barrier(processes), ctx.Queue()
     procs = [ctx.Process(target=_steps_child,
