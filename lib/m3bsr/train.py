@@ -106,6 +106,9 @@ def kept_host_memory() -> Iterator[None]:
     no trimming), so a step reuses the previous step's pages, as PyTorch's caching allocator does
     with GPU memory. Only where memory comes from changes, never a number computed. Not glibc
     (macOS, Windows, musl): nothing changes. Blocks nest; ``mallopt`` settings are process-wide.
+    After the outermost block glibc's defaults return, and the heap keeps its (handed back) free
+    space: a later allocation that fits a free chunk is served from it, as glibc does with any heap
+    chunk, and stays in the process after it is freed until the next ``trim_host_memory()``.
     """
     global _kept_depth
     libc = _glibc()
