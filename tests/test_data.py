@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from m3bsr.config import DataConfig, make_config
+from m3bsr.config import ConfigError, DataConfig, make_config
 from m3bsr.data import features as F
 from m3bsr.data import sources
 from m3bsr.data.schema import DataError
@@ -114,6 +114,26 @@ def test_dispatcher_errors(tmp_path):
         load_dataset(DataConfig(dataset="csv"))
     with pytest.raises(DataError, match="fixed levels"):
         load_dataset(DataConfig(dataset="ml-100k-mm", deep="favor", data_root=str(tmp_path)))
+    for kw in ({"deep": "favor"}, {"levels": "a|b|c"}):
+        with pytest.raises(DataError, match="fixed levels"):
+            load_dataset(DataConfig(dataset="synthetic", **kw))
+
+
+@pytest.mark.parametrize("key, value", [("max_len", 0), ("max_len", 512), ("min_deep", 1), ("batch_size", 0),
+                                        ("eval_batch_size", -1), ("eval_every", 0), ("sampled_negatives", -5),
+                                        ("syn_clusters", 0), ("syn_noise", 1.5), ("syn_noise", float("nan")),
+                                        ("patience", -1), ("heads", 0)])
+def test_out_of_range_settings_are_config_errors(key, value):
+    cfg = make_config("ci")
+    with pytest.raises(ConfigError, match=key):
+        cfg.set(key, str(value))
+    cfg.set("max_len", 511)  # the bounds themselves are fine
+    cfg.set("min_deep", 2)
+
+
+def test_synthetic_needs_an_item_per_cluster():
+    with pytest.raises(ConfigError, match="syn_clusters=300 must be at most syn_items=200"):
+        make_synthetic(make_config("ci", {"syn_clusters": 300, "syn_items": 200}).data)
 
 
 # ----------------------------------------------------------------------------- synthetic
@@ -233,6 +253,15 @@ def test_generic_csv_levels_and_users_without_deep(tmp_path):
 def test_csv_not_utf8(tmp_path):
     path = write(tmp_path / "log.csv", GOOD_CSV.encode() + "u3,caf\u00e9,click,5\n".encode("latin-1"))
     raises_at(lambda: load_csv(path, deep="buy"), "log.csv", 6, "utf-8")
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_byte_errors_name_the_line_whatever_the_line_endings(tmp_path, newline):
+    good = GOOD_CSV.replace("\n", newline).encode()
+    path = write(tmp_path / "log.csv", good + f"u3,caf\u00e9,click,5{newline}".encode("latin-1"))
+    raises_at(lambda: load_csv(path, deep="buy"), "log.csv", 6, "utf-8")
+    path = write(tmp_path / "nul.csv", good + b"u3,i\x001,click,5" + newline.encode())
+    raises_at(lambda: load_csv(path, deep="buy"), "nul.csv", 6, "NUL")
 
 
 def test_csv_duplicated_header(tmp_path):

@@ -61,6 +61,8 @@ def test_trained_reloads_the_best_checkpoint_and_can_change_inference_fields(gri
     assert metrics == t.evaluate("test") and seconds > 0
     with pytest.raises(FileNotFoundError):
         experiments.trained("synthetic", "bert4rec", 0, "ci", runs, OVER)
+    with pytest.raises(ConfigError, match="not max_len"):  # other weights or data: not the same run
+        experiments.trained("synthetic", "sasrec", 0, "ci", runs, OVER, max_len=5)
 
 
 def test_popularity_buckets_partition_the_rows_and_average_back(grid):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from m3bsr.metrics import rank_metrics, ranks
+from m3bsr.metrics import metrics_from_ranks, rank_metrics, ranks
 
 
 def test_all_scores_equal_gives_zero_hits():
@@ -35,3 +35,9 @@ def test_rank_at_boundary_k():
 def test_nan_scores_count_against_the_target():
     s = torch.tensor([[1.0, float("nan"), 0.0], [float("nan"), 1.0, 2.0]])
     assert ranks(s, torch.tensor([0, 0])).tolist() == [2, 3]
+
+
+def test_a_row_never_scored_is_an_error_not_a_hit():
+    """Rank 0 (a row no batch scored) would count as a hit with NDCG = inf: refused."""
+    with pytest.raises(ValueError, match="1-based"):
+        metrics_from_ranks(torch.tensor([1, 0, 3]))

@@ -109,6 +109,8 @@ def test_evaluate_with_fewer_inference_steps(tmp_path):
     assert evaluate_run(run, "cpu", {"inference_steps": "1"})["test"] == one  # ...and evaluate sees that
     with pytest.raises(ConfigError, match="not lr"):
         evaluate_run(run, "cpu", {"lr": "0.5"})
+    with pytest.raises(ConfigError, match="eval_batch_size"):
+        evaluate_run(run, "cpu", {"eval_batch_size": "0"})
     assert main(["evaluate", "--run", str(run), "--set", "inference_steps=9"]) == 2  # > T
 
 
@@ -183,6 +185,55 @@ def test_all_items_scored_equal_gives_zero_hits(tmp_path):
     tr.model.counts.zero_()
     m = tr.evaluate("test")
     assert m["HR@10"] == 0.0 and m["sampled_HR@10"] == 0.0
+
+
+def test_mask_seen_leaves_out_every_item_seen_before_the_target(tmp_path):
+    """A stub scores every item the user met before the target (in any behaviour, also before the
+    max_len window) 10 and the target 5: with mask_seen every target ranks first, even one the user
+    met before; without it the seen items rank above it."""
+    tr = Trainer(ci_config(tmp_path, model="pop", max_len=3, mask_seen=True))
+    test, df, n = tr.seq.split("test"), tr.ds.interactions, tr.ds.n_items
+    seen = torch.zeros(len(test["users"]), n + 1)
+    for r, (u, t) in enumerate(zip(test["users"].tolist(), test["target_times"][:, 0].tolist())):
+        seen[r, df.item[(df.user == u) & (df.timestamp < t)].tolist()] = 10.0
+    row = {u: r for r, u in enumerate(test["users"].tolist())}  # one test row per user
+
+    class Stub(torch.nn.Module):
+        def score(self, b):
+            s = seen[[row[u] for u in b["users"].tolist()]].clone()
+            return s.scatter_(1, b["targets"][:, :1], 5.0)
+
+    tr.model = Stub()
+    assert (seen[range(len(seen)), test["targets"][:, 0]] > 0).any()  # some targets were met before
+    assert tr.ranks("test")[0].eq(1).all()
+    tr.cfg.train.mask_seen = False
+    assert tr.ranks("test")[0].gt(4).all()  # ci users met more items than the 3-event windows hold
+
+
+def test_eval_every_validates_every_nth_epoch_and_after_the_last(tmp_path):
+    """eval_every=2 over 5 epochs validates after epochs 2, 4 and 5; patience counts validations."""
+    res = Trainer(ci_config(tmp_path, epochs=5, patience=10, eval_every=2), tmp_path / "run").fit()
+    rows = list(csv.DictReader((tmp_path / "run" / "history.csv").open()))
+    assert [r["epoch"] for r in rows if r["valid_NDCG@10"]] == ["2", "4", "5"] and len(rows) == 5
+    assert res["best_epoch"] in (2, 4, 5)
+    tr = Trainer(ci_config(tmp_path, epochs=20, patience=1, eval_every=3, lr=0.0))  # lr 0: no validation improves
+    tr.fit()
+    assert tr.epoch == 6 and tr.best_epoch == 3
+
+
+def test_a_fresh_run_leaves_no_earlier_results_beside_its_config(tmp_path):
+    run = tmp_path / "run"
+    Trainer(ci_config(tmp_path, epochs=1), run).fit()
+    again = Trainer(ci_config(tmp_path, epochs=1, lr=0.01), run)
+
+    def crash():
+        raise KeyboardInterrupt
+
+    again.train_epoch = crash
+    with pytest.raises(KeyboardInterrupt):
+        again.fit()
+    assert json.loads((run / "config.json").read_text())["train"]["lr"] == 0.01
+    assert not (run / "metrics.json").exists() and not (run / "history.csv").exists()
 
 
 def test_cli_end_to_end_on_synthetic(tmp_path):

@@ -98,7 +98,8 @@ from .models.diffusion import ConditionalChain
 from .models.layers import before_mask, causal_mask, gather_positions, sinusoidal
 from .models.m3bsr import M3BSR, level_weights
 from .models.registry import build_model
-from .train import Trainer, data_info, evaluate, kept_host_memory, load_data, resolve_device, trim_host_memory
+from .train import (Trainer, data_info, evaluate, kept_host_memory, load_data, load_trained, resolve_device,
+                    trim_host_memory)
 
 TOL = 1e-9  # max |naive - fast| on the user vectors, compared in float64 (float32 rounding alone is ~1e-4)
 FEATURE_DIMS = {"image": 1280, "text": 384}  # the MovieLens -mm encoders' output sizes
@@ -875,9 +876,7 @@ def _evaluation(r: _Run, cfg: Config, ds, run: str | Path | None) -> None:
         run = Path(run)
         rcfg = Config.from_dict(json.loads((run / "config.json").read_text()))
         rcfg.train.device, rcfg.train.sampled_negatives, rcfg.train.progress = str(dev), 0, False
-        trainer = Trainer(rcfg)
-        trainer.out = run
-        trainer.load_best()
+        trainer = load_trained(rcfg, run)
         train_s, how = 0.0, f"loaded {run}/best.pt"
     else:
         trainer = Trainer(cfg, dataset=ds)
@@ -902,8 +901,8 @@ def _evaluation(r: _Run, cfg: Config, ds, run: str | Path | None) -> None:
         model.load_state_dict(trainer.model.state_dict())
 
         def score() -> None:
-            res = evaluate(model, test, dev, batch_size=ecfg.train.eval_batch_size, mask_seen=ecfg.train.mask_seen,
-                           bf16=r.bf16)
+            res = evaluate(model, test, dev, batch_size=ecfg.train.eval_batch_size, bf16=r.bf16,
+                           seen=trainer.seq.seen_before["test"] if ecfg.train.mask_seen else None)
             ndcg[label], hr[label] = res["NDCG@10"], res["HR@10"]
         return score
 

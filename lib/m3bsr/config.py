@@ -91,12 +91,12 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     patience: int = 10  # early stopping on validation NDCG@10
-    eval_every: int = 1
+    eval_every: int = 1  # validate every this many epochs (and after the last); patience counts validations
     eval_batch_size: int = 512
     device: str = "auto"  # auto: cuda when available
     bf16: bool = False  # bf16 autocast (CUDA)
     sampled_negatives: int = 99  # 1 + 99 sampled metrics next to full ranking (0: off)
-    mask_seen: bool = False  # mask already-seen items at ranking time (default: not masked)
+    mask_seen: bool = False  # leave every item seen before the target out of the ranking (default: ranked)
     max_steps: int | None = None  # stop after this many optimiser steps (smoke tests)
     progress: bool = True  # tqdm bar (quiet anyway when stderr is not a terminal)
 
@@ -141,11 +141,30 @@ class Config:
         value = _parse(value, str(ftype), key)
         if key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"config field {key!r} must be one of {CHOICES[key]}, got {value!r}")
+        if key in RANGES and value is not None:
+            lo, hi = RANGES[key]
+            if not (lo <= value and (hi is None or value <= hi)):
+                raise ConfigError(f"config field {key!r} must be " + (f"in {lo}..{hi}" if hi is not None else f">= {lo}")
+                                  + f", got {value!r}")
         setattr(sub, key, value)
 
 
 # Fields added after run folders existed: part of the hash only when set away from this default.
 ADDED_FIELDS: dict[str, dict[str, Any]] = {"data": {"deep_noise": 0.0, "deep_keep": 1.0}}
+
+# The longest stream (BOS + max_len events) a model's positional table holds.
+MAX_POSITIONS = 512
+
+# Bounds (inclusive; None: none) of the numeric fields: Config.set rejects values outside them.
+RANGES: dict[str, tuple[float, float | None]] = {
+    "max_len": (1, MAX_POSITIONS - 1),
+    "min_deep": (2, None),  # a user's last two deep events are the test and validation targets
+    "syn_users": (1, None), "syn_items": (1, None), "syn_clusters": (1, None), "syn_events": (0, None),
+    "syn_noise": (0.0, 1.0), "dropout": (0.0, 1.0),
+    "d": (1, None), "layers": (0, None), "heads": (1, None), "T": (1, None), "diffurec_T": (1, None),
+    "epochs": (0, None), "batch_size": (1, None), "patience": (0, None), "eval_every": (1, None),
+    "eval_batch_size": (1, None), "sampled_negatives": (0, None),
+}
 
 CHOICES: dict[str, tuple] = {
     "dataset": ("synthetic", "ml-100k-mm", "ml-latest-small-mm", "rec-tmall", "taobao-ub", "csv"),

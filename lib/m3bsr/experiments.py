@@ -21,7 +21,7 @@ import torch
 from .config import Config, check_jobs, make_config
 from .data.schema import Dataset
 from .metrics import metrics_from_ranks, ndcg_per_row
-from .train import Trainer, load_checkpoint, load_data, resolve_device, run_dir, train_cached
+from .train import Trainer, load_data, load_trained, resolve_device, run_dir, train_cached
 
 TABLE_METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
 
@@ -201,15 +201,14 @@ def paired_test(dataset: str, model_a: str, model_b: str, seeds: Iterable[int], 
 
 def trained(dataset: str, model: str, seed: int, profile: str, runs: str | Path, overrides: dict[str, Any] | None = None,
             data: Dataset | None = None, **model_fields: Any) -> Trainer:
-    """A Trainer holding the best checkpoint of a finished run, optionally rebuilt with some model
-    fields changed that leave the weights valid (e.g. ``inference_steps=5``, ``eval_mode="skip"``)."""
-    fields = {**(overrides or {}), "dataset": dataset, "model": model, "seed": seed}
-    run = run_dir(make_config(profile, fields), runs)
+    """A Trainer holding the best checkpoint of a finished run, checked against its config and the
+    data, optionally with evaluation fields changed (``train.EVAL_FIELDS``, e.g. ``inference_steps=5``,
+    ``eval_mode="skip"``; any other field raises ConfigError)."""
+    cfg = make_config(profile, {**(overrides or {}), "dataset": dataset, "model": model, "seed": seed})
+    run = run_dir(cfg, runs)
     if not (run / "metrics.json").exists():
         raise FileNotFoundError(f"{run}: no finished run (train it first, e.g. with run_grid)")
-    trainer = Trainer(make_config(profile, {**fields, **model_fields}), None, dataset=data)
-    trainer.model.load_state_dict(load_checkpoint(run / "best.pt")["model"])
-    return trainer
+    return load_trained(cfg, run, model_fields, dataset=data)
 
 
 def timed_evaluation(trainer: Trainer, split: str = "test", repeats: int = 3) -> tuple[dict[str, float], float]:

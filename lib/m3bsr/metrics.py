@@ -30,7 +30,9 @@ def ndcg_per_row(r: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def metrics_from_ranks(r: torch.Tensor, ks=KS) -> dict[str, float]:
-    """HR@K, NDCG@K (:func:`ndcg_per_row`) and MRR, averaged over rows."""
+    """HR@K, NDCG@K (:func:`ndcg_per_row`) and MRR, averaged over rows; ranks are 1-based."""
+    if len(r) and int(r.min()) < 1:
+        raise ValueError(f"ranks are 1-based, got {int(r.min())} (a row that was never scored?)")
     r = r.double()
     out = {}
     for k in ks:

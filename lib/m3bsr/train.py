@@ -365,15 +365,21 @@ def sampled_negatives(seq: SequenceData, split: str, n: int, cache_dir: Path) ->
 @torch.no_grad()
 @kept_host_memory()
 def split_ranks(model: Recommender, split: dict[str, torch.Tensor], device: torch.device, *,
-                batch_size: int = 512, negatives: torch.Tensor | None = None, mask_seen: bool = False,
-                bf16: bool = False, dist: Dist | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                batch_size: int = 512, negatives: torch.Tensor | None = None,
+                seen: tuple[torch.Tensor, torch.Tensor] | None = None, bf16: bool = False,
+                dist: Dist | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """1-based rank of each row's target: among all items ``(n,)``, and among the target + its fixed
     ``negatives`` ``(n,)`` (None without negatives). Pessimistic ties (:func:`m3bsr.metrics.ranks`).
+
+    ``seen``: (``ptr``, ``items``), row i's items ``items[ptr[i]:ptr[i+1]]`` are left out of the
+    full ranking, never the target itself (``mask_seen``: :attr:`SequenceData.seen_before`).
 
     Rows are scored in batches of ``batch_size``. With ``dist`` (torchrun), batch ``c`` is scored
     by rank ``c % world`` and the per-row ranks are all-reduced: every rank gets the ranks of a
     single-process evaluation, bit for bit (the same batches, so the same scores).
     """
+    if batch_size < 1:
+        raise ConfigError(f"eval_batch_size must be a positive integer, got {batch_size}")
     model.eval()
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     n = len(split["users"])
@@ -387,9 +393,12 @@ def split_ranks(model: Recommender, split: dict[str, torch.Tensor], device: torc
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             s = model.score(b).float()  # (B, N+1)
         target = b["targets"][:, 0]
-        if mask_seen:  # history items (all strictly before the target) are removed, never the target
+        if seen is not None:  # every item seen strictly before the target is removed, never the target
+            ptr, items = seen
+            lo, hi = int(ptr[start]), int(ptr[stop])
+            row = torch.repeat_interleave(torch.arange(stop - start), ptr[start + 1:stop + 1] - ptr[start:stop])
             keep = s.gather(1, target[:, None])
-            s.scatter_(1, b["items"].flatten(1), float("-inf"))
+            s[row.to(device), items[lo:hi].to(device)] = float("-inf")
             s.scatter_(1, target[:, None], keep)
         full[start:stop] = ranks(s[:, 1:], target - 1)
         if sampled is not None:
@@ -561,8 +570,8 @@ class Trainer:
     def _eval_args(self, split: str) -> tuple:
         t = self.cfg.train
         return (self.model, self.seq.split(split), self.device), dict(
-            batch_size=t.eval_batch_size, negatives=self.negatives.get(split), mask_seen=t.mask_seen, bf16=t.bf16,
-            dist=self.dist)
+            batch_size=t.eval_batch_size, negatives=self.negatives.get(split),
+            seen=self.seq.seen_before[split] if t.mask_seen else None, bf16=t.bf16, dist=self.dist)
 
     def ranks(self, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The current model's per-row target ranks on ``split`` (full, sampled): see :func:`split_ranks`."""
@@ -616,8 +625,12 @@ class Trainer:
             if main:
                 self.out.mkdir(parents=True, exist_ok=True)
                 remove_stale_temporaries(self.out)
-            if resume and self.resume() and main:
+            resumed = resume and self.resume()
+            if resumed and main:
                 self._write_history()  # a crash may have come between last.pt and history.csv
+            elif main:  # a fresh start: no earlier run's results next to this run's config
+                for name in ("metrics.json", "history.csv"):
+                    (self.out / name).unlink(missing_ok=True)
             if main:
                 atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=2))
         self.best_model = None
@@ -628,14 +641,17 @@ class Trainer:
                 losses = self.train_epoch()
                 seconds = time.perf_counter() - t0
                 self.epoch += 1
-                valid = self.evaluate("valid")  # the same numbers on every rank: the same decisions
+                last = self.epoch >= t.epochs or (t.max_steps is not None and self.steps >= t.max_steps)
+                valid = {}
+                if self.epoch % t.eval_every == 0 or last:  # the same numbers on every rank: the same decisions
+                    valid = self.evaluate("valid")
                 self.history.append({"epoch": self.epoch, **losses, **{f"valid_{k}": v for k, v in valid.items()},
                                      "seconds": round(seconds, 3)})
-                better = valid[SELECT_METRIC] > self.best
+                better = bool(valid) and valid[SELECT_METRIC] > self.best
                 if better:
                     self.best, self.best_epoch, self.bad = valid[SELECT_METRIC], self.epoch, 0
                     self.best_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                else:
+                elif valid:
                     self.bad += 1
                 if self.out is not None:
                     state = self._state()
@@ -683,32 +699,38 @@ def _progress(total: int, desc: str, enabled: bool):
 EVAL_FIELDS = ("inference_steps", "eval_mode", "eval_batch_size", "mask_seen")
 
 
-def evaluate_run(run: str | Path, device: str = "auto", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Recompute valid/test metrics from ``<run>/best.pt`` with the run's own config.
+def load_trained(cfg: Config, run: str | Path, overrides: dict[str, Any] | None = None,
+                 dataset: Dataset | None = None) -> Trainer:
+    """A Trainer (writing nothing) holding ``<run>/best.pt``, checked against ``cfg`` and the data.
 
     ``overrides`` (field -> value, e.g. ``{"inference_steps": 5}``) changes fields of
-    :data:`EVAL_FIELDS` only: the checkpoint is checked against the run's config, then loaded into a
-    model rebuilt with the changed fields.
+    :data:`EVAL_FIELDS` only (others raise ConfigError): the checkpoint is checked against ``cfg``
+    as trained, then loaded into a model rebuilt with the changed fields.
     """
+    bad = sorted(set(overrides or {}) - set(EVAL_FIELDS))
+    if bad:
+        raise ConfigError(f"evaluation can change {', '.join(EVAL_FIELDS)} (they leave the trained weights valid), "
+                          f"not {', '.join(bad)}")
+    trainer = Trainer(cfg, dataset=dataset)
+    state = trainer._read(Path(run) / "best.pt")
+    if overrides:
+        for k, v in overrides.items():
+            cfg.set(k, v)  # trainer.cfg: eval_batch_size and mask_seen are read from it at evaluation
+        trainer.model = build_model(cfg.model, trainer.info).to(trainer.device)  # validates inference_steps <= T
+    trainer.model.load_state_dict(state["model"])
+    return trainer
+
+
+def evaluate_run(run: str | Path, device: str = "auto", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Recompute valid/test metrics from ``<run>/best.pt`` with the run's own config, the
+    :data:`EVAL_FIELDS` in ``overrides`` changed (:func:`load_trained`)."""
     run = Path(run)
     cfg_path = run / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{run}: no config.json (is this a run folder?)")
-    bad = sorted(set(overrides or {}) - set(EVAL_FIELDS))
-    if bad:
-        raise ConfigError(f"evaluate can change {', '.join(EVAL_FIELDS)} (they leave the trained weights valid), "
-                          f"not {', '.join(bad)}")
     cfg = Config.from_dict(json.loads(cfg_path.read_text()))
     cfg.train.device = device
-    trainer = Trainer(cfg)
-    trainer.out = run
-    trainer.load_best()
-    if overrides:
-        for k, v in overrides.items():
-            cfg.set(k, v)  # trainer.cfg: eval_batch_size and mask_seen are read from it at evaluation
-        state = trainer.model.state_dict()
-        trainer.model = build_model(cfg.model, trainer.info).to(trainer.device)  # validates inference_steps <= T
-        trainer.model.load_state_dict(state)
+    trainer = load_trained(cfg, run, overrides)
     return {"valid": trainer.evaluate("valid"), "test": trainer.evaluate("test")}
 
 

@@ -18,9 +18,14 @@ A batch is a dict of tensors (S = number of levels, L = max_len, K = targets per
 * ``users`` ``(B,)`` long.
 
 Training rows hold windows of a user's events before the validation target, one window per L
-deep events: every deep event of a window with some history is a target (K = L), so all
-positions train in one forward pass, as in SASRec. Evaluation rows hold one target (K = 1) and the events strictly before it.
-A model turns the per-target histories into indices with :func:`history_index`.
+deep events: every deep event of a window with an earlier event in the window is a target
+(K = L), so all positions train in one forward pass, as in SASRec. Evaluation rows hold one
+target (K = 1) and the events strictly before it. A model turns the per-target histories into
+indices with :func:`history_index`.
+
+Beside the rows, ``SequenceData.seen_before[split]`` lists, per validation/test row, every item the
+user met (any level, any position, not only the last L) strictly before the row's target, for
+ranking with already-seen items left out (``mask_seen``).
 """
 from __future__ import annotations
 
@@ -57,7 +62,7 @@ class SequenceData:
         ends = np.concatenate([bounds, [len(df)]])
         item_a, level_a, time_a = (df[c].to_numpy() for c in ("item", "level", "timestamp"))
 
-        train_rows, eval_rows = [], {"valid": [], "test": []}
+        train_rows, eval_rows, seen_before = [], {"valid": [], "test": []}, {"valid": [], "test": []}
         self.seen: dict[int, np.ndarray] = {}
         for s, e in zip(starts, ends):
             u = int(users[s])
@@ -68,6 +73,8 @@ class SequenceData:
                 v, t = deep_pos[-2], deep_pos[-1]
                 eval_rows["valid"].append(self._eval_row(u, it, lv, tm, v))
                 eval_rows["test"].append(self._eval_row(u, it, lv, tm, t))
+                for name, pos in (("valid", v), ("test", t)):
+                    seen_before[name].append(np.unique(it[tm < tm[pos]]))
                 cut = v  # training window: events before the validation target in time/file order
             else:
                 cut = e - s
@@ -75,6 +82,7 @@ class SequenceData:
         self.train = _stack(train_rows, self.S, max_len, max_len)
         self.valid = _stack(eval_rows["valid"], self.S, max_len, 1)
         self.test = _stack(eval_rows["test"], self.S, max_len, 1)
+        self.seen_before = {name: _ragged(rows) for name, rows in seen_before.items()}
 
     def _window(self, it, lv, tm):
         """Per level, the last L events -> lists of (items, times)."""
@@ -123,6 +131,14 @@ def _stack(rows, S: int, L: int, K: int) -> dict[str, torch.Tensor]:
         target_times[b, :len(tt)] = tt
     return {k: torch.from_numpy(v) for k, v in
             dict(items=items, times=times, targets=targets, target_times=target_times, users=users).items()}
+
+
+def _ragged(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths -> (``ptr`` ``(n+1,)``, ``values``) long: row i is ``values[ptr[i]:ptr[i+1]]``."""
+    ptr = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum([len(r) for r in rows], out=ptr[1:])
+    values = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+    return torch.from_numpy(ptr), torch.from_numpy(values)
 
 
 def batches(split: dict[str, torch.Tensor], batch_size: int, generator: torch.Generator | None = None):

@@ -111,6 +111,12 @@ class Table:
         return s.to_numpy(dtype=object)
 
 
+def _line_at(data: bytes, pos: int) -> int:
+    """1-based physical line of byte ``pos`` (LF, CR LF and a lone CR each end a line)."""
+    head = data[:pos]
+    return head.count(b"\n") + head.count(b"\r") - head.count(b"\r\n") + 1
+
+
 def read_table(path: str | Path, columns: Sequence[str], *, header: bool = True, sep: str = ",",
                encoding: str = "utf-8", exact: bool = True) -> Table:
     """Read a delimited text file strictly.
@@ -131,12 +137,12 @@ def read_table(path: str | Path, columns: Sequence[str], *, header: bool = True,
     if not data.strip():
         raise DataError("file is empty", file=path)
     if b"\x00" in data:
-        raise DataError("NUL byte in file (binary or corrupted?)", file=path, line=data[:data.index(b"\x00")].count(b"\n") + 1)
+        raise DataError("NUL byte in file (binary or corrupted?)", file=path, line=_line_at(data, data.index(b"\x00")))
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError as e:
         raise DataError(f"bytes not valid {encoding} ({e.reason}); expected {encoding}-encoded text",
-                        file=path, line=data[:e.start].count(b"\n") + 1) from None
+                        file=path, line=_line_at(data, e.start)) from None
     reader = csv.reader(io.StringIO(text.lstrip("\ufeff"), newline=""), delimiter=sep)
     rows: list[list[str]] = []
     lines: list[int] = []
@@ -458,6 +464,9 @@ def load_dataset(cfg: DataConfig, features: bool = True) -> Dataset:
 
 def _load(cfg: DataConfig, features: bool) -> Dataset:
     name = cfg.dataset
+    if name in ("synthetic", "ml-100k-mm", "ml-latest-small-mm") and (cfg.deep or cfg.levels):
+        raise DataError(f"{name} has fixed levels click|favor" + (" (favor = rating >= favor_threshold)"
+                        if name.startswith("ml-") else "") + "; deep/levels do not apply")
     if name == "synthetic":
         return make_synthetic(cfg)
     if name == "csv":
@@ -474,7 +483,4 @@ def _load(cfg: DataConfig, features: bool) -> Dataset:
     }
     if name not in loaders:
         raise DataError(f"unknown dataset {name!r}; expected one of synthetic, csv, {', '.join(loaders)}")
-    if name.startswith("ml-") and (cfg.deep or cfg.levels):
-        raise DataError(f"{name} has fixed levels click|favor (favor = rating >= favor_threshold); "
-                        f"deep/levels do not apply")
     return loaders[name](resolve_data_root(cfg.data_root))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 from .schema import Dataset, finalize
 
 FACTOR_DIM, IMAGE_DIM, TEXT_DIM = 16, 48, 32
@@ -36,6 +36,8 @@ def make_synthetic(cfg: DataConfig) -> Dataset:
     """Generate the dataset described in the module docstring (levels ``["click", "favor"]``)."""
     rng = np.random.default_rng(cfg.syn_seed)
     U, I, C = cfg.syn_users, cfg.syn_items, cfg.syn_clusters
+    if C > I:
+        raise ConfigError(f"syn_clusters={C} must be at most syn_items={I} (every cluster holds an item)")
 
     # items: clusters, factors, modality views
     item_cluster = rng.permutation(np.arange(I) % C)

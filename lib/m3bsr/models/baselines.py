@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig
+from ..config import MAX_POSITIONS, ModelConfig
 from ..data.sequences import history_index
 from .base import DataInfo, Recommender
-from .layers import MAX_POSITIONS, FeatureProjection, Transformer, causal_mask, gather_positions
+from .layers import FeatureProjection, Transformer, causal_mask, gather_positions
 
 
 class Popularity(Recommender):

@@ -14,8 +14,6 @@ import torch.nn.functional as F
 from ..config import ConfigError
 from ..data.sequences import TIME_BOS, TIME_PAD
 
-MAX_POSITIONS = 512  # longest stream (max_len + 1) a positional table supports
-
 
 class Attention(nn.Module):
     """Multi-head attention: queries from ``x`` ``(B, Lq, d)``, keys/values from ``c`` ``(B, Lk, d)``."""

@@ -25,11 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import CHOICES, ConfigError, ModelConfig
+from ..config import CHOICES, MAX_POSITIONS, ConfigError, ModelConfig
 from ..data.sequences import history_index
 from .base import DataInfo, Recommender
 from .diffusion import ConditionalChain
-from .layers import MAX_POSITIONS, Attention, FeatureProjection, Transformer, before_mask, causal_mask
+from .layers import Attention, FeatureProjection, Transformer, before_mask, causal_mask
 
 log = logging.getLogger(__name__)
 

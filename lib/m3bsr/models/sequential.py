@@ -11,10 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError, ModelConfig
+from ..config import MAX_POSITIONS, ConfigError, ModelConfig
 from ..data.sequences import TIME_BOS, history_index
 from .base import DataInfo, Recommender
-from .layers import MAX_POSITIONS, Block, Transformer, causal_mask, gather_positions, sinusoidal
+from .layers import Block, Transformer, causal_mask, gather_positions, sinusoidal
 
 
 class BERT4Rec(Recommender):
@@ -241,7 +241,7 @@ class DiffuRec(Recommender):
 
     #### Reverse process, prediction
     x_T ~ N(0, I) from a ``torch.Generator`` seeded with ``sample_seed`` at every call, then for
-    the strided steps t > s (``inference_steps`` of T, None = all) the posterior mean
+    the strided steps t > s (``inference_steps`` of T; None or more than T: all) the posterior mean
     ``x_s = mu(x_t, x0_hat)`` of ``q(x_s | x_t, x0)``; with ``eval_mode="stochastic"`` the posterior
     std times noise from the same generator is added (s > 0; DiffuRec's own sampler adds noise,
     with variance beta_t). At prediction lambda = delta (its mean). Scores = x0_hat E^T at the
