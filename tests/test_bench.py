@@ -23,6 +23,14 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.parametrize("args, words", [(["--threads", "0"], "--threads must be at least 1"),
+                                         (["--batch", "-5"], "--batch must be at least 1"),
+                                         (["--run", "."], "no config.json and best.pt")])
+def test_bench_refuses_bad_arguments_before_measuring(tmp_path, capsys, args, words):
+    assert main(["bench", "--size", "small", "--device", "cpu", "--out", str(tmp_path)] + args) == 2
+    assert words in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
 def test_small_bench_writes_csv_and_markdown_with_every_measurement(tmp_path):
     args = ["bench", "--size", "small", "--device", "cpu", "--threads", "1", "--compile", "--out", str(tmp_path)]
     assert main(args) == 0

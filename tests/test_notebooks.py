@@ -190,3 +190,41 @@ def test_interest_agreement_counts_neighbours_in_the_users_clusters():
     agree = viz.interest_agreement(x, cluster, users, k=2)
     assert agree.tolist() == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
     assert viz.label_agreement(x, np.ones(6, bool), cluster, k=2) == 1.0
+
+
+def test_markdown_tables_escape_pipes_in_headers_and_cells():
+    import pandas as pd
+    md = viz.to_markdown(pd.DataFrame({"P(a | b)": [0.5], "name": ["x|y"]}))
+    header, rule, row = md.splitlines()
+    assert header == "| P(a \\| b) | name |" and rule == "|---|---|" and row == "| 0.5 | x\\|y |"
+
+
+def test_nearest_neighbours_refuses_fewer_candidates_than_k():
+    import numpy as np
+    x, mask = np.random.default_rng(0).normal(size=(8, 4)), np.zeros(8, bool)
+    mask[1:4] = True
+    with pytest.raises(ValueError, match="only 3 candidate rows"):
+        viz.nearest_neighbours(x, mask, [0], k=5)
+    assert sorted(viz.nearest_neighbours(x, mask, [0], k=3)[0]) == [1, 2, 3]
+
+
+def test_denoising_embeddings_are_computed_again_when_the_saved_file_does_not_serve(tmp_path, monkeypatch):
+    """Saved once (``.npz`` appended, atomically); a file lacking a requested method, or truncated, is
+    computed again instead of failing."""
+    from m3bsr.config import make_config
+    from m3bsr.train import Trainer
+    tr = Trainer(make_config("ci", {"dataset": "synthetic", "model": "m3bsr", "cache_dir": str(tmp_path / "c")}))
+    split = {k: v[:8] for k, v in tr.seq.test.items()}
+    calls = []
+    monkeypatch.setattr(viz, "project_2d", lambda x, method, seed=0: calls.append(method) or x[:, :2])
+    path = tmp_path / "emb"
+    first = viz.denoising_embeddings(tr.model, split, path, methods=("A",))
+    n = len(calls)
+    assert n and (tmp_path / "emb.npz").is_file() and "A:input/id" in first
+    assert viz.denoising_embeddings(tr.model, split, path, methods=("A",)).keys() == first.keys()
+    assert len(calls) == n  # read back
+    assert "B:cdbd/id" in viz.denoising_embeddings(tr.model, split, path, methods=("A", "B")) and len(calls) > n
+    data = (tmp_path / "emb.npz").read_bytes()
+    (tmp_path / "emb.npz").write_bytes(data[:len(data) // 2])  # killed mid-write by an older version
+    assert "B:cdbd/id" in viz.denoising_embeddings(tr.model, split, path, methods=("A", "B"))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -276,6 +276,16 @@ def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert main(["train", "--dataset", "synthetic", "--model", "nope", "--profile", "ci",
                  "--out", str(tmp_path / "run2")]) == 2
     assert "unknown model" in capsys.readouterr().err
+    syn = ["train", "--dataset", "synthetic", "--model", "sasrec", "--profile", "ci"]
+    for args, words in ((["--set", "cdbd", "--out", str(tmp_path / "r")], "KEY=VALUE"),
+                        (["--seed", "-1", "--out", str(tmp_path / "r")], "'seed' must be in 0..4294967295"),
+                        (["--out", str(csv)], "exists and is not a folder")):
+        assert main(syn + args) == 2
+        assert "m3bsr: error: " in (err := capsys.readouterr().err) and words in err, err
+    (tmp_path / "notarun").mkdir()
+    (tmp_path / "notarun" / "config.json").write_text("{}")
+    assert main(["evaluate", str(tmp_path / "notarun")]) == 2
+    assert "not an m3bsr run config" in capsys.readouterr().err
 
 
 def _env():

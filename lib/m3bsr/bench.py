@@ -681,6 +681,12 @@ def run_bench(size: str = "full", device: str = "auto", out: str | Path | None =
               log: Callable[[str], None] = print) -> list[Row]:
     """Run every measurement, write ``<out>/bench-<size>-<device>[-bf16][-compile].{csv,md}``, return the rows."""
     sz = SIZES[size]
+    for name, value, least in (("threads", threads, 1), ("repeats", repeats, 1), ("batch", batch_size, 1),
+                               ("epochs", epochs, 0)):
+        if value is not None and value < least:
+            raise ConfigError(f"bench: --{name} must be at least {least}, got {value}")
+    if run is not None and not all((Path(run) / f).is_file() for f in ("config.json", "best.pt")):
+        raise ConfigError(f"bench: --run {run}: no config.json and best.pt there (is it a finished run folder?)")
     dev = resolve_device(device)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -697,7 +703,8 @@ def run_bench(size: str = "full", device: str = "auto", out: str | Path | None =
     seq = SequenceData(ds, cfg.data.max_len, cfg.data.min_deep)
     info = data_info(ds, seq)
     n = len(seq.train["users"])
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:batch_size or sz.batch]
+    rows = batch_size if batch_size is not None else sz.batch
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:rows]
     cpu_batch = {k: v[order] for k, v in seq.train.items()}
     n_targets = int((cpu_batch["targets"] > 0).sum())
     m = cfg.model

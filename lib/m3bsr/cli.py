@@ -73,7 +73,7 @@ def _overrides(pairs: list[str]) -> dict[str, object]:
     over: dict[str, object] = {}
     for kv in pairs:
         if "=" not in kv:
-            raise SystemExit(f"--set expects KEY=VALUE, got {kv!r}")
+            raise ConfigError(f"--set expects KEY=VALUE, got {kv!r}")
         k, v = kv.split("=", 1)
         over[k.strip()] = v
     return over

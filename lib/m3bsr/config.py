@@ -144,8 +144,8 @@ class Config:
         if key in RANGES and value is not None:
             lo, hi = RANGES[key]
             if not (lo <= value and (hi is None or value <= hi)):
-                raise ConfigError(f"config field {key!r} must be " + (f"in {lo}..{hi}" if hi is not None else f">= {lo}")
-                                  + f", got {value!r}")
+                bounds = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+                raise ConfigError(f"config field {key!r} must be {bounds}, got {value!r}")
         setattr(sub, key, value)
 
 
@@ -157,6 +157,7 @@ MAX_POSITIONS = 512
 
 # Bounds (inclusive; None: none) of the numeric fields: Config.set rejects values outside them.
 RANGES: dict[str, tuple[float, float | None]] = {
+    "seed": (0, 2 ** 32 - 1), "syn_seed": (0, 2 ** 32 - 1),  # numpy's seeds
     "max_len": (1, MAX_POSITIONS - 1),
     "min_deep": (2, None),  # a user's last two deep events are the test and validation targets
     "syn_users": (1, None), "syn_items": (1, None), "syn_clusters": (1, None), "syn_events": (0, None),

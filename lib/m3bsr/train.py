@@ -455,6 +455,8 @@ class Trainer:
     def __init__(self, cfg: Config, out: str | Path | None = None, dataset: Dataset | None = None):
         self.cfg = cfg
         self.out = Path(out) if out is not None else None
+        if self.out is not None and self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"{self.out}: exists and is not a folder (the run folder)")
         local_rank = int(os.environ.get("LOCAL_RANK", "0")) if torchrun_env() else None
         self.device = resolve_device(cfg.train.device, local_rank)
         if self.device.type == "cuda":  # same seed, same GPU -> same numbers
@@ -728,7 +730,10 @@ def evaluate_run(run: str | Path, device: str = "auto", overrides: dict[str, Any
     cfg_path = run / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{run}: no config.json (is this a run folder?)")
-    cfg = Config.from_dict(json.loads(cfg_path.read_text()))
+    try:
+        cfg = Config.from_dict(json.loads(cfg_path.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path}: not an m3bsr run config ({type(e).__name__}: {e})") from None
     cfg.train.device = device
     trainer = load_trained(cfg, run, overrides)
     return {"valid": trainer.evaluate("valid"), "test": trainer.evaluate("test")}

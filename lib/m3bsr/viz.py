@@ -8,6 +8,7 @@ functions that draw.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 from pathlib import Path
@@ -119,7 +120,8 @@ def to_markdown(df: pd.DataFrame, index: bool = True, floatfmt: str = "{:.4g}") 
         if isinstance(v, float):
             return floatfmt.format(v)
         return str(v).replace("|", "\\|")
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines = ["| " + " | ".join(str(c).replace("|", "\\|") for c in frame.columns) + " |",
+             "|" + "---|" * len(frame.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
@@ -271,10 +273,15 @@ def nearest_neighbours(x: np.ndarray, mask: np.ndarray, queries: Sequence[int], 
     """Cosine top-``k`` neighbours of each query row among rows with ``mask`` (never the query itself).
 
     x ``(N, D)``, mask ``(N,)`` bool -> ``(len(queries), k)`` row indices, most similar first
-    (ties: lower index first).
+    (equal similarities: lower index first among the k returned; of rows tied with the k-th, which
+    ones are returned is ``np.argpartition``'s choice). ValueError when a query has fewer than ``k``
+    candidates.
     """
     z = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     queries = np.asarray(queries)
+    fewest = int(mask.sum()) - (int(mask[queries].max()) if len(queries) else 0)
+    if fewest < k:
+        raise ValueError(f"nearest_neighbours: k={k}, but a query has only {fewest} candidate rows")
     out = np.zeros((len(queries), k), np.int64)
     for s in range(0, len(queries), chunk):
         q = queries[s:s + chunk]
@@ -688,12 +695,21 @@ def denoising_embeddings(model: Any, split: dict, path: str | Path, seed: int = 
     """The clicks of ``split`` (one per distinct item) at each denoising stage, with their 2-D projections.
 
     -> :func:`click_embeddings`' keys for the kept clicks plus ``"<method>:<stage>/<modality>"`` ``(N, 2)``.
-    Computed once and saved to ``path`` (.npz), then read back, so a notebook re-renders in seconds.
-    The ID stream is the condition of CDMD, not changed by it: ``cdmd/id`` reuses ``input/id``'s projection.
+    Computed once and saved to ``path`` (``.npz`` appended when missing; written atomically), then read
+    back, so a notebook re-renders in seconds; a saved file that cannot be read or lacks one of
+    ``methods`` is computed again. The ID stream is the condition of CDMD, not changed by it:
+    ``cdmd/id`` reuses ``input/id``'s projection.
     """
     path = Path(path)
+    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
     if path.exists():
-        return dict(np.load(path))
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                saved = {k: z[k] for k in z.files}
+            if all(f"{method}:input/id" in saved for method in methods):
+                return saved
+        except Exception:  # unreadable (e.g. truncated): computed again below
+            pass
     E = click_embeddings(model.eval(), split)
     keep = one_event_per_item(E["item"], seed=seed)
     E = {k: v[keep] for k, v in E.items()}
@@ -701,7 +717,10 @@ def denoising_embeddings(model: Any, split: dict, path: str | Path, seed: int = 
         for method in methods:
             E[f"{method}:{key}"] = (E[f"{method}:input/id"] if key == "cdmd/id"
                                     else project_2d(E[key], method, seed=seed))
-    np.savez_compressed(path, **E)
+    from .train import atomic_write_bytes  # noqa: PLC0415 (imports torch)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **E)
+    atomic_write_bytes(path, buf.getvalue())
     return E
 
 
