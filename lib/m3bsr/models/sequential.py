@@ -240,7 +240,8 @@ class DiffuRec(Recommender):
     ``CE(softmax(x0_hat E^T), target)`` over all real items (DiffuRec's ``loss_diffu_ce``).
 
     #### Reverse process, prediction
-    x_T ~ N(0, I) from a ``torch.Generator`` seeded with ``sample_seed`` at every call, then for
+    x_T ~ N(0, I) from a ``torch.Generator`` seeded with ``sample_seed`` at every call (drawn for the
+    whole batch, so a row's scores depend slightly on the rows scored with it), then for
     the strided steps t > s (``inference_steps`` of T; None or more than T: all) the posterior mean
     ``x_s = mu(x_t, x0_hat)`` of ``q(x_s | x_t, x0)``; with ``eval_mode="stochastic"`` the posterior
     std times noise from the same generator is added (s > 0; DiffuRec's own sampler adds noise,
