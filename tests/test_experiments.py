@@ -36,6 +36,10 @@ def test_best_baseline_is_chosen_on_validation(grid):
     valid = res[res["split"] == "valid"].groupby("model")["NDCG@10"].mean()
     assert experiments.best_baseline(res, "synthetic", model="sasrec") == "pop"
     assert experiments.best_baseline(res, "synthetic", model="none") == valid.idxmax()
+    import pandas as pd
+    made = pd.DataFrame({"dataset": "d", "model": ["a", "a", "b", "b", "m3bsr", "m3bsr"],
+                         "split": ["valid", "test"] * 3, "NDCG@10": [0.2, 0.1, 0.1, 0.3, 0.5, 0.5]})
+    assert experiments.best_baseline(made, "d") == "a"  # b wins on test only
 
 
 def test_paired_test_pairs_every_test_user_and_reproduces_the_saved_means(grid):

@@ -88,6 +88,7 @@ def test_schedules_decrease_in_unit_interval(fn):
     assert s.alphas.dtype == torch.float32 and s.alphas.shape == (15,)
     assert ((s.alphas > 0) & (s.alphas <= 1)).all()
     assert torch.allclose(s.alphas.double().cumprod(0), s.alphas_cumprod.double(), rtol=1e-5)
+    assert torch.allclose(s.alphas_cumprod, abar[1:].float())  # the buffers are the named schedule's
 
 
 def test_cosine_schedule_matches_formula():
@@ -164,9 +165,9 @@ def test_before_mask_is_strictly_before_plus_bos():
     assert m[1].tolist() == [True, True, False, False, False]  # time 5 sees BOS and 3, not 5
     assert m[2].tolist() == [True, True, True, False, False]
     assert not m[:, 4].any()  # padding keys are never visible
-    tm = before_mask(qt, kt)[0]
-    assert tm[0].tolist() == [True, False, False, False, False]  # a BOS query sees the BOS key only
-    assert torch.equal(tm[1:], m[1:])
+    assert not m[:3, 3].any()  # time 9 is after every real query
+    assert m[0].tolist() == [True, False, False, False, False]  # a BOS query sees the BOS key only
+    assert m[3].tolist() == [True, True, True, True, False]  # a padding query sees every real key (unused)
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,6 +316,9 @@ def test_three_levels_and_deeper_options():
         out = model.loss(tiny_batch(S=3))
         assert torch.isfinite(out["loss"]) and "behavior" in out
         assert model.n_experts == 3 * 3 + 1
+    batch = tiny_batch(S=3)
+    nxt, every = make(S=3, cdbd_deeper="next").eval(), make(S=3, cdbd_deeper="all").eval()
+    assert not torch.allclose(nxt.user_vectors(batch)[0], every.user_vectors(batch)[0])
     # with two levels the option makes no difference
     batch = tiny_batch()
     a, b = make(cdbd_deeper="next").eval(), make(cdbd_deeper="all").eval()

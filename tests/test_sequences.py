@@ -65,14 +65,19 @@ def test_users_with_few_deep_events_train_but_are_not_evaluated():
 def test_training_targets_never_include_validation_or_test_events():
     raw = toy()
     ds, seq = build(raw)
+    deep = ds.interactions[ds.interactions.level == 1]
     for r, u in enumerate(seq.valid["users"].tolist()):
-        rows = (seq.train["users"] == u).nonzero()
-        if len(rows) == 0:
-            continue
-        tr = rows[0, 0]
+        rows = (seq.train["users"] == u).nonzero()[:, 0]
         vt = seq.valid["target_times"][r, 0]
-        tt = seq.train["target_times"][tr][seq.train["targets"][tr] > 0]
-        assert (tt <= vt).all()
+        has = seq.train["targets"][rows] > 0
+        tt, ti = seq.train["target_times"][rows][has].tolist(), seq.train["targets"][rows][has].tolist()
+        assert all(t <= vt for t in tt)  # (<=: an earlier deep event may share the validation target's time)
+        # the validation and test events never train: a training target with their (item, time) is an
+        # earlier deep event with the same item and time
+        earlier = list(zip(deep[deep.user == u].item, deep[deep.user == u].timestamp))[:-2]
+        for split in (seq.valid, seq.test):
+            event = (int(split["targets"][r, 0]), int(split["target_times"][r, 0]))
+            assert list(zip(ti, tt)).count(event) <= earlier.count(event)
 
 
 @pytest.mark.parametrize("split_name", ["valid", "test"])
@@ -121,6 +126,8 @@ def test_no_leakage_for_training_targets():
     for r in range(5):
         for k in np.flatnonzero(tr["targets"][r].numpy() > 0):
             t = tr["target_times"][r, k]
+            # target k is the deep stream's event k+1: its own item and time, not a shifted copy
+            assert tr["targets"][r, k] == tr["items"][r, -1, k + 1] and t == tr["times"][r, -1, k + 1]
             for items, times in effective_inputs(tr, r, k):
                 assert all(x < t for x in times)
 
