@@ -87,11 +87,13 @@ def test_taobao_statistics():
 
 
 @needs_data
-def test_real_encoders_on_a_handful():
+def test_real_encoders_on_a_handful(capsys):
     x = F.encode_texts(["Toy Story (1995). Animation, Comedy.", "GoldenEye (1995). Action.", "Heat"])
     assert x.shape == (3, 384) and x.dtype == np.float32 and np.isfinite(x).all()
+    F._image_model.cache_clear()  # load it here: its loading message must not reach stdout (the CLI's JSON)
     y = F.encode_images([ROOT / "ml-100k-mm" / "posters" / f"{i}.jpg" for i in (1, 2)])
     assert y.shape == (2, 1280) and np.isfinite(y).all() and not np.allclose(y[0], y[1])
+    assert capsys.readouterr().out == ""
 
 
 def test_data_root_resolution(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ these extend them.
 """
 from __future__ import annotations
 
+import io
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,7 +295,9 @@ def test_corrupted_negatives_cache_is_redrawn_atomically(tmp_path):
     seq = SequenceData(ds, max_len=5, min_deep=3)
     first = sampled_negatives(seq, "test", 2, tmp_path / "cache")
     [path] = list((tmp_path / "cache").iterdir())
-    for corrupted in (path.read_bytes()[:20], b"", b"\x93NUMPY garbage"):
+    out_of_range = io.BytesIO()
+    np.save(out_of_range, first.numpy() + 2 ** 31)  # well-formed, but no such items
+    for corrupted in (path.read_bytes()[:20], b"", b"\x93NUMPY garbage", out_of_range.getvalue()):
         path.write_bytes(corrupted)
         assert np.array_equal(sampled_negatives(seq, "test", 2, tmp_path / "cache"), first)
         assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # rewritten, no temporary left

@@ -306,8 +306,8 @@ def _set_rng_state(s: dict[str, Any], gen: torch.Generator) -> None:
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s["cuda"] and torch.cuda.is_available():  # saved with more GPUs visible: the first ones' states
+        torch.cuda.set_rng_state_all(s["cuda"][:torch.cuda.device_count()])
     gen.set_state(s["data"])
 
 
@@ -336,10 +336,10 @@ def sampled_negatives(seq: SequenceData, split: str, n: int, cache_dir: Path) ->
     if path.exists():
         try:
             neg = np.load(path)
-            if neg.shape == (len(rows), n):
+            if neg.shape == (len(rows), n) and (n == 0 or 1 <= neg.min() and neg.max() <= seq.n_items):
                 return torch.from_numpy(neg)
         except (OSError, ValueError, EOFError):
-            pass  # unreadable (truncated, corrupted): draw again below and overwrite
+            pass  # unreadable (truncated, corrupted: wrong shape, ids outside 1..n_items): draw again below
     rng = np.random.default_rng(NEGATIVES_SEED)
     neg = np.zeros((len(rows), n), np.int64)
     targets = seq.split(split)["targets"][:, 0].numpy()

