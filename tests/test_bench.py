@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from m3bsr.bench import (COMPILED, HOST_MEMORY, MEASUREMENTS, TIME_SHARES, TOL, NaiveM3BSR, counted_flops,
-                         naive_max_abs_diff, random_batch, random_info, time_shares)
+                         naive_max_abs_diff, random_batch, random_info, time_shares, trained_run)
 from m3bsr.cli import main
 from m3bsr.config import ModelConfig
 from m3bsr.models.layers import Attention
@@ -29,6 +29,18 @@ def one_thread():
 def test_bench_refuses_bad_arguments_before_measuring(tmp_path, capsys, args, words):
     assert main(["bench", "--size", "small", "--device", "cpu", "--out", str(tmp_path)] + args) == 2
     assert words in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_bench_loads_a_finished_run_as_trained(tmp_path):
+    """``bench --run``: the run's best checkpoint, passing the checks against its own config."""
+    from m3bsr.config import make_config
+    from m3bsr.train import Trainer, load_checkpoint
+    run = tmp_path / "run"
+    Trainer(make_config("ci", {"dataset": "synthetic", "model": "m3bsr", "epochs": 1, "progress": False,
+                               "cache_dir": str(tmp_path / "cache")}), run).fit()
+    trainer = trained_run(run, torch.device("cpu"))
+    saved = load_checkpoint(run / "best.pt")["model"]
+    assert all(v.equal(saved[k]) for k, v in trainer.model.state_dict().items())
 
 
 def test_small_bench_writes_csv_and_markdown_with_every_measurement(tmp_path):

@@ -77,7 +77,6 @@ import copy
 import csv
 import gc
 import io
-import json
 import math
 import multiprocessing
 import os
@@ -99,7 +98,7 @@ from .models.layers import before_mask, causal_mask, gather_positions, sinusoida
 from .models.m3bsr import M3BSR, level_weights
 from .models.registry import build_model
 from .train import (Trainer, data_info, evaluate, kept_host_memory, load_data, load_trained, resolve_device,
-                    trim_host_memory)
+                    run_config, trim_host_memory)
 
 TOL = 1e-9  # max |naive - fast| on the user vectors, compared in float64 (float32 rounding alone is ~1e-4)
 FEATURE_DIMS = {"image": 1280, "text": 384}  # the MovieLens -mm encoders' output sizes
@@ -875,15 +874,20 @@ def _throughput(r: _Run, m: ModelConfig, info: DataInfo, batch: dict[str, torch.
                        "ratio = share of the step, as above"))
 
 
+def trained_run(run: str | Path, device: torch.device) -> Trainer:
+    """``<run>/best.pt`` in a Trainer on ``device``, checked against the run's config as trained (so
+    only fields outside the config hash, device and progress, change)."""
+    cfg = run_config(run)
+    cfg.train.device, cfg.train.progress = str(device), False
+    return load_trained(cfg, run)
+
+
 def _evaluation(r: _Run, cfg: Config, ds, run: str | Path | None) -> None:
     """Full-ranking evaluation of every test user with inference_steps T, T/3, 1 (timed in turn)."""
     dev = r.device
     deterministic = torch.are_deterministic_algorithms_enabled()
     if run is not None:
-        run = Path(run)
-        rcfg = Config.from_dict(json.loads((run / "config.json").read_text()))
-        rcfg.train.device, rcfg.train.sampled_negatives, rcfg.train.progress = str(dev), 0, False
-        trainer = load_trained(rcfg, run)
+        trainer = trained_run(run, dev)
         train_s, how = 0.0, f"loaded {run}/best.pt"
     else:
         trainer = Trainer(cfg, dataset=ds)

@@ -723,17 +723,21 @@ def load_trained(cfg: Config, run: str | Path, overrides: dict[str, Any] | None 
     return trainer
 
 
+def run_config(run: str | Path) -> Config:
+    """A run folder's ``config.json``; CheckpointError when it is missing or not an m3bsr config."""
+    path = Path(run) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{run}: no config.json (is this a run folder?)")
+    try:
+        return Config.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not an m3bsr run config ({type(e).__name__}: {e})") from None
+
+
 def evaluate_run(run: str | Path, device: str = "auto", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Recompute valid/test metrics from ``<run>/best.pt`` with the run's own config, the
     :data:`EVAL_FIELDS` in ``overrides`` changed (:func:`load_trained`)."""
-    run = Path(run)
-    cfg_path = run / "config.json"
-    if not cfg_path.exists():
-        raise CheckpointError(f"{run}: no config.json (is this a run folder?)")
-    try:
-        cfg = Config.from_dict(json.loads(cfg_path.read_text()))
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{cfg_path}: not an m3bsr run config ({type(e).__name__}: {e})") from None
+    cfg = run_config(run)
     cfg.train.device = device
     trainer = load_trained(cfg, run, overrides)
     return {"valid": trainer.evaluate("valid"), "test": trainer.evaluate("test")}

@@ -116,12 +116,12 @@ def save_figure(fig, name: str, folder: str | Path, dpi: int | None = None) -> l
 def to_markdown(df: pd.DataFrame, index: bool = True, floatfmt: str = "{:.4g}") -> str:
     """A GitHub-flavoured markdown table (no extra dependency)."""
     frame = df.reset_index() if index and (df.index.name or any(df.index.names)) else df
+    def text(v: Any) -> str:
+        return str(v).replace("|", "\\|")  # a | inside a cell or header would split it
+
     def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return floatfmt.format(v)
-        return str(v).replace("|", "\\|")
-    lines = ["| " + " | ".join(str(c).replace("|", "\\|") for c in frame.columns) + " |",
-             "|" + "---|" * len(frame.columns)]
+        return floatfmt.format(v) if isinstance(v, float) else text(v)
+    lines = ["| " + " | ".join(map(text, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
