@@ -118,14 +118,16 @@ def _line_at(data: bytes, pos: int) -> int:
 
 
 def read_table(path: str | Path, columns: Sequence[str], *, header: bool = True, sep: str = ",",
-               encoding: str = "utf-8", exact: bool = True) -> Table:
+               encoding: str = "utf-8", exact: bool = True, multiline: Sequence[str] = ()) -> Table:
     """Read a delimited text file strictly.
 
     header=True: the first line must name every column of ``columns`` (extra columns allowed unless
     ``exact``); a later line equal to the header is an error. header=False: every line has exactly
-    ``len(columns)`` fields, named ``columns``. Blank lines are skipped. Errors (missing, unreadable
-    or empty file, NUL bytes, undecodable bytes, duplicated column names, wrong field counts,
-    malformed quoting) raise DataError with the line (physical lines, header included).
+    ``len(columns)`` fields, named ``columns``. Blank lines are skipped. Only the columns in
+    ``multiline`` may hold a quoted line break: anywhere else one is a quote left open, which would
+    swallow the lines after it. Errors (missing, unreadable or empty file, NUL bytes, undecodable
+    bytes, duplicated column names, wrong field counts, malformed quoting, an unclosed quote) raise
+    DataError with the line where the record starts (physical lines, header included).
     """
     path = Path(path)
     if not path.is_file():
@@ -147,6 +149,7 @@ def read_table(path: str | Path, columns: Sequence[str], *, header: bool = True,
     rows: list[list[str]] = []
     lines: list[int] = []
     names = list(columns)
+    start = 1  # physical line on which the record being read starts
     try:
         if header:
             names = next((r for r in reader if r), None)
@@ -160,18 +163,25 @@ def read_table(path: str | Path, columns: Sequence[str], *, header: bool = True,
             if missing or (exact and len(names) != len(columns)):
                 raise DataError(f"header {names} does not match the expected columns {list(columns)}",
                                 file=path, line=hline)
+            start = reader.line_num + 1
         for r in reader:
+            line, start = start, reader.line_num + 1
             if not r:
                 continue
+            spans = f" (a quoted field opened on it runs to line {reader.line_num}: unclosed '\"'?)" \
+                if reader.line_num > line else ""
             if len(r) != len(names):
-                raise DataError(f"expected {len(names)} {sep!r}-separated fields ({', '.join(names)}), got {len(r)}",
-                                file=path, line=reader.line_num)
+                raise DataError(f"expected {len(names)} {sep!r}-separated fields ({', '.join(names)}), "
+                                f"got {len(r)}{spans}", file=path, line=line)
+            broken = [c for c, v in zip(names, r) if c not in multiline and ("\n" in v or "\r" in v)]
+            if broken:
+                raise DataError(f"column {broken[0]!r} may not span lines{spans}", file=path, line=line)
             if header and r == names:
-                raise DataError("duplicated header line", file=path, line=reader.line_num)
+                raise DataError("duplicated header line", file=path, line=line)
             rows.append(r)
-            lines.append(reader.line_num)
+            lines.append(line)
     except csv.Error as e:
-        raise DataError(f"malformed CSV ({e})", file=path, line=reader.line_num) from None
+        raise DataError(f"malformed CSV ({e}) in the record starting here", file=path, line=start) from None
     if not rows:
         raise DataError("no data rows", file=path)
     return Table(path, pd.DataFrame(rows, columns=names, dtype=str), np.asarray(lines))
@@ -283,7 +293,8 @@ def load_ml_100k(folder: str | Path, favor_threshold: float = 4.0, features: boo
     t = read_table(folder / "u.data", ["user", "item", "rating", "timestamp"], header=False, sep="\t")
     ds, items = _ratings_dataset("ml-100k-mm", t, t.ints("user"), t.ints("item"), t.floats("rating"),
                                  t.ints("timestamp"), favor_threshold)
-    meta = read_table(folder / "items.csv", ["movie_id", "title", "overview", *ML100K_GENRES], exact=False)
+    meta = read_table(folder / "items.csv", ["movie_id", "title", "overview", *ML100K_GENRES], exact=False,
+                      multiline=["overview"])
     ids = meta.ints("movie_id")
     first = ~pd.Series(ids).duplicated().to_numpy()
     onehot = np.stack([meta.ints(g) for g in ML100K_GENRES], axis=1)
