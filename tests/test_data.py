@@ -124,7 +124,9 @@ def test_dispatcher_errors(tmp_path):
 @pytest.mark.parametrize("key, value", [("max_len", 0), ("max_len", 512), ("min_deep", 1), ("batch_size", 0),
                                         ("eval_batch_size", -1), ("eval_every", 0), ("sampled_negatives", -5),
                                         ("syn_clusters", 0), ("syn_noise", 1.5), ("syn_noise", float("nan")),
-                                        ("patience", -1), ("heads", 0)])
+                                        ("patience", -1), ("heads", 0), ("lr", -1), ("weight_decay", -0.1),
+                                        ("lambda_c", -1), ("lambda_b", float("nan")), ("mask_ratio", 1.5),
+                                        ("tau", 0), ("tau", float("nan"))])
 def test_out_of_range_settings_are_config_errors(key, value):
     cfg = make_config("ci")
     with pytest.raises(ConfigError, match=key):

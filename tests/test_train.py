@@ -292,6 +292,17 @@ def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert "not an m3bsr run config" in capsys.readouterr().err
 
 
+def test_cli_stats_reads_the_same_data_options_as_train(tmp_path, capsys):
+    csv = tmp_path / "log.csv"
+    csv.write_text("user_id,item_id,behavior,timestamp\nu1,i1,view,1\nu1,i2,cart,2\nu1,i3,buy,3\nu2,i1,buy,4\n")
+    assert main(["stats", "--data-file", str(csv), "--levels", "view|cart|buy"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["users"], out["items"], out["#view"], out["#cart"], out["#buy"]) == (2, 3, 1, 1, 2)
+    assert "modalities" not in out  # stats loads no features
+    assert main(["stats", "--dataset", "synthetic", "--profile", "ci", "--set", "syn_users=40"]) == 0
+    assert json.loads(capsys.readouterr().out)["users"] == 40
+
+
 def _env():
     import os
     return {**os.environ, "PYTHONPATH": str(REPO / "lib")}

@@ -22,19 +22,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one model on one dataset and write <out>/metrics.json")
-    src = t.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", help="synthetic | ml-100k-mm | ml-latest-small-mm | rec-tmall | taobao-ub")
-    src.add_argument("--data-file", help="a CSV with header user_id,item_id,behavior,timestamp")
-    t.add_argument("--deep", help="comma-separated behaviours forming the deep (target) level")
-    t.add_argument("--levels", help='multi-level order, shallow -> deep, e.g. "pv|cart|fav,buy"')
+    _data_arguments(t)
     t.add_argument("--model", required=True)
-    t.add_argument("--profile", default="default", choices=sorted(PROFILES))
     t.add_argument("--seed", type=int)
     t.add_argument("--epochs", type=int)
     t.add_argument("--device", help="auto | cpu | cuda[:N]")
-    t.add_argument("--data-root", help="folder holding the datasets (else $M3BSR_DATA)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, e.g. --set cdbd=false --set T=5")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--resume", action="store_true",
                    help="continue from <out>/last.pt (exactly: the same metrics as an uninterrupted run)")
@@ -48,10 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="evaluate with an evaluation-only field changed, e.g. --set inference_steps=5 "
                         "(inference_steps, eval_mode, eval_batch_size, mask_seen)")
 
-    s = sub.add_parser("stats", help="print a dataset's statistics")
-    s.add_argument("--dataset", required=True)
-    s.add_argument("--data-root")
-    s.add_argument("--profile", default="default", choices=sorted(PROFILES))
+    s = sub.add_parser("stats", help="print a dataset's statistics (its events; features are not loaded)")
+    _data_arguments(s)
 
     b = sub.add_parser("bench", help="M3BSR's throughput, memory, FLOP/s and eval time, side by side (bench.py)")
     b.add_argument("--size", default="full", choices=["small", "full"],
@@ -68,6 +58,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _data_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that name a dataset and its config (``train`` and ``stats``)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="synthetic | ml-100k-mm | ml-latest-small-mm | rec-tmall | taobao-ub")
+    src.add_argument("--data-file", help="a CSV with header user_id,item_id,behavior,timestamp")
+    p.add_argument("--deep", help="comma-separated behaviours forming the deep (target) level")
+    p.add_argument("--levels", help='multi-level order, shallow -> deep, e.g. "pv|cart|fav,buy"')
+    p.add_argument("--profile", default="default", choices=sorted(PROFILES))
+    p.add_argument("--data-root", help="folder holding the datasets (else $M3BSR_DATA)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set cdbd=false --set T=5")
+
+
 def _overrides(pairs: list[str]) -> dict[str, object]:
     """``--set KEY=VALUE`` pairs -> {KEY: VALUE} (values parsed later, by the field's type)."""
     over: dict[str, object] = {}
@@ -81,9 +84,8 @@ def _overrides(pairs: list[str]) -> dict[str, object]:
 
 def _config(a: argparse.Namespace):
     over = _overrides(a.set)
-    for field, value in (("dataset", a.dataset), ("data_file", a.data_file), ("deep", a.deep), ("levels", a.levels),
-                         ("model", a.model), ("seed", a.seed), ("epochs", a.epochs), ("device", a.device),
-                         ("data_root", a.data_root)):
+    for field in ("dataset", "data_file", "deep", "levels", "model", "seed", "epochs", "device", "data_root"):
+        value = getattr(a, field, None)  # stats has no model, seed, epochs or device
         if value is not None:
             over[field] = value
     if a.data_file:
@@ -116,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                       batch_size=a.batch, bf16=a.bf16, compile=a.compile)
         elif a.command == "stats":
             from .data.sources import load_dataset  # noqa: PLC0415
-            cfg = make_config(a.profile, {"dataset": a.dataset, **({"data_root": a.data_root} if a.data_root else {})})
-            print(json.dumps(load_dataset(cfg.data, features=False).stats(), indent=2))
+            stats = load_dataset(_config(a).data, features=False).stats()
+            stats.pop("modalities")  # features are not loaded here (README, "Data", lists each dataset's)
+            print(json.dumps(stats, indent=2))
     except (DataError, CheckpointError, ConfigError) as err:
         who = f"m3bsr[rank {os.environ['RANK']}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "m3bsr"
         print(f"{who}: error: {err}", file=sys.stderr)

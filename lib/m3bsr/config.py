@@ -146,6 +146,8 @@ class Config:
             if not (lo <= value and (hi is None or value <= hi)):
                 bounds = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
                 raise ConfigError(f"config field {key!r} must be {bounds}, got {value!r}")
+        if key in ABOVE and not value > ABOVE[key]:
+            raise ConfigError(f"config field {key!r} must be > {ABOVE[key]}, got {value!r}")
         setattr(sub, key, value)
 
 
@@ -165,7 +167,11 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "d": (1, None), "layers": (0, None), "heads": (1, None), "T": (1, None), "diffurec_T": (1, None),
     "epochs": (0, None), "batch_size": (1, None), "patience": (0, None), "eval_every": (1, None),
     "eval_batch_size": (1, None), "sampled_negatives": (0, None),
+    "lr": (0.0, None), "weight_decay": (0.0, None), "lambda_c": (0.0, None), "lambda_m": (0.0, None),
+    "lambda_b": (0.0, None), "mask_ratio": (0.0, 1.0),
 }
+# Fields that must lie strictly above a value: a temperature of 0 divides the similarities by zero.
+ABOVE: dict[str, float] = {"tau": 0.0}
 
 CHOICES: dict[str, tuple] = {
     "dataset": ("synthetic", "ml-100k-mm", "ml-latest-small-mm", "rec-tmall", "taobao-ub", "csv"),
