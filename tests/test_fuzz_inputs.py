@@ -147,6 +147,11 @@ CASES = [
     Case("items duplicated movie row keeps the first", "ml-100k-mm",
          {"items.csv": ITEMS + f"10,Other,{onehot(3)},other\n"},
          check=lambda ds: list(ds.item_labels[1:]) == ["Action", "Adventure", "Animation"]),
+    Case("items of another dataset (no logged movie)", "ml-100k-mm", {"items.csv": ITEMS.replace("\n10,", "\n910,")
+         .replace("\n20,", "\n920,").replace("\n30,", "\n930,")}, ("items.csv", None, "none of the 3 logged item ids")),
+    Case("movies of another dataset (no logged movie)", "ml-latest-small-mm",
+         {"movies.csv": MOVIES.replace("\n10,", "\n910,").replace("\n20,", "\n920,").replace("\n30,", "\n930,")},
+         ("movies.csv", None, "none of the 3 logged item ids")),
     Case("items missing a logged movie -> label unknown", "ml-100k-mm",
          {"items.csv": ITEMS.split("\n30,")[0] + "\n"},
          check=lambda ds: ds.item_labels[-1] == "unknown"),

@@ -166,6 +166,37 @@ def test_remove_stale_temporaries_only_touches_our_temporaries(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "last.pt", "notes.tmp1"]
 
 
+def test_a_failed_write_names_its_file_and_keeps_the_old_one(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import pandas as pd
+
+    import m3bsr.data.features as features_mod
+    import m3bsr.train as train_mod
+    from m3bsr import viz
+    from m3bsr.data.schema import DataError
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    old = pd.DataFrame({"a": [1.0, 2.0]})
+    viz.save_table(old, "t", tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(train_mod.os, "replace", full_disk)
+    with pytest.raises(OSError, match="cannot write .*t.csv .No space left"):
+        viz.save_table(pd.DataFrame({"a": [3.0] * 1000}), "t", tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before, "old tables kept, no temporary left"
+    args = ["train", "--dataset", "synthetic", "--model", "pop", "--profile", "ci", "--out", str(tmp_path / "run"),
+            "--set", f"cache_dir={tmp_path / 'cache'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "m3bsr: error: " in err and "No space left" in err and "Traceback" not in err, err
+    monkeypatch.setattr(features_mod.os, "replace", full_disk)
+    with pytest.raises(DataError, match="feature cache"):
+        features_mod.cached("x", ["key"], lambda: {"x": [1.0]}, tmp_path / "cache")
+    assert not list((tmp_path / "cache").iterdir()), "no temporary left in the cache folder"
+
+
 @pytest.mark.parametrize("model", [m for m in ("sasrec", "m3bsr") if m in MODELS])
 def test_same_command_twice_gives_identical_metrics(tmp_path, model, capsys):
     cache = tmp_path / "cache"

@@ -97,8 +97,8 @@ from .models.diffusion import ConditionalChain
 from .models.layers import before_mask, causal_mask, gather_positions, sinusoidal
 from .models.m3bsr import M3BSR, level_weights
 from .models.registry import build_model
-from .train import (Trainer, data_info, evaluate, kept_host_memory, load_data, load_trained, resolve_device,
-                    run_config, trim_host_memory)
+from .train import (Trainer, atomic_write_text, data_info, evaluate, kept_host_memory, load_data, load_trained,
+                    resolve_device, run_config, trim_host_memory)
 
 TOL = 1e-9  # max |naive - fast| on the user vectors, compared in float64 (float32 rounding alone is ~1e-4)
 FEATURE_DIMS = {"image": 1280, "text": 384}  # the MovieLens -mm encoders' output sizes
@@ -983,7 +983,7 @@ def write_results(rows: list[Row], header: dict[str, Any], out: Path, stem: str)
         w.writerow([r.measurement, f"{r.value:.6g}", r.unit, "" if r.ratio is None else f"{r.ratio:.4g}",
                     r.target, r.met, device, r.note])
     csv_path = out / f"{stem}.csv"
-    csv_path.write_text(buf.getvalue())
+    atomic_write_text(csv_path, buf.getvalue())
     lines = [f"# M3BSR benchmark ({header['size']})", ""]
     lines += [f"- **{k}**: {v}" for k, v in header.items() if k != "size"]
     lines += ["", "| measurement | value | unit | ratio | target | met | device | note |",
@@ -992,5 +992,5 @@ def write_results(rows: list[Row], header: dict[str, Any], out: Path, stem: str)
         lines.append(f"| {r.measurement} | {r.value:.4g} | {r.unit} | {'' if r.ratio is None else f'{r.ratio:.3g}'} | "
                      f"{r.target} | {r.met} | {device} | {r.note} |")
     md_path = out / f"{stem}.md"
-    md_path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path

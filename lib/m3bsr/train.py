@@ -242,8 +242,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # e.g. a read-only folder: keep the first error
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):  # disk full, read-only, ...: name the file it was writing
+            raise OSError(e.errno, f"cannot write {path} ({e.strerror})") from None
         raise
     _fsync_dir(path.parent)
 

@@ -108,8 +108,10 @@ def save_figure(fig, name: str, folder: str | Path, dpi: int | None = None) -> l
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     png, pdf = folder / f"{name}.png", folder / f"{name}.pdf"
-    fig.savefig(png, dpi=dpi or fig.dpi, bbox_inches="tight", metadata=PNG_METADATA)
-    fig.savefig(pdf, bbox_inches="tight", metadata=PDF_METADATA)
+    for path, options in ((png, {"dpi": dpi or fig.dpi, "metadata": PNG_METADATA}), (pdf, {"metadata": PDF_METADATA})):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=path.suffix[1:], bbox_inches="tight", **options)
+        _write(path, buf.getvalue())
     return [png, pdf]
 
 
@@ -131,9 +133,15 @@ def save_table(df: pd.DataFrame, name: str, folder: str | Path, markdown: str | 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     csv, md = folder / f"{name}.csv", folder / f"{name}.md"
-    df.to_csv(csv, index=bool(df.index.name or any(df.index.names)))
-    md.write_text(markdown if markdown is not None else to_markdown(df))
+    _write(csv, df.to_csv(index=bool(df.index.name or any(df.index.names))).encode())
+    _write(md, (markdown if markdown is not None else to_markdown(df)).encode())
     return [csv, md]
+
+
+def _write(path: Path, data: bytes) -> None:
+    """All or nothing (``train.atomic_write_bytes``): an interrupted or failed write keeps the old file."""
+    from .train import atomic_write_bytes  # noqa: PLC0415 (imports torch)
+    atomic_write_bytes(path, data)
 
 
 def _plt():
@@ -717,10 +725,9 @@ def denoising_embeddings(model: Any, split: dict, path: str | Path, seed: int = 
         for method in methods:
             E[f"{method}:{key}"] = (E[f"{method}:input/id"] if key == "cdmd/id"
                                     else project_2d(E[key], method, seed=seed))
-    from .train import atomic_write_bytes  # noqa: PLC0415 (imports torch)
     buf = io.BytesIO()
     np.savez_compressed(buf, **E)
-    atomic_write_bytes(path, buf.getvalue())
+    _write(path, buf.getvalue())
     return E
 
 

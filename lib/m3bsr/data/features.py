@@ -72,17 +72,21 @@ def cached(name: str, key_parts: Sequence[bytes | str], compute: Callable[[], di
     except OSError as e:  # e.g. cache_dir names a file
         raise DataError(f"cannot use it as the cache folder ({e.strerror})", file=folder) from None
     out = compute()
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **out)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
+    except OSError as e:  # e.g. a full disk or a read-only cache folder
+        raise DataError(f"cannot write the feature cache ({e.strerror})", file=path) from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp is not None and os.path.exists(tmp):
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return out
 
 

@@ -275,6 +275,13 @@ def _movie_features(ds: Dataset, items: pd.Index, name: str, texts: dict[Any, st
     _attach(ds, "image", items, with_poster, image)
 
 
+def _check_covers(table: Table, described: Sequence[Any], items: pd.Index) -> None:
+    """A metadata file must describe at least one logged item: a file of another dataset matches none."""
+    if not pd.Index(items).isin(list(described)).any():
+        raise DataError(f"describes none of the {len(items)} logged item ids (e.g. {', '.join(map(str, items[:3]))}); "
+                        f"expected the metadata of this log", file=table.path)
+
+
 def _labels(items: pd.Index, label_of: dict[Any, Any], missing: Any = "unknown") -> np.ndarray:
     return np.array([None] + [label_of.get(i, missing) for i in items], dtype=object)
 
@@ -307,6 +314,7 @@ def load_ml_100k(folder: str | Path, favor_threshold: float = 4.0, features: boo
         genres = [genre_names[j] for j in np.flatnonzero(onehot[row])]
         texts[ids[row]] = f"{meta.df['title'].iat[row].strip()}. {', '.join(genres)}. {meta.df['overview'].iat[row].strip()}"
         label_of[ids[row]] = genres[0] if genres else "unknown"
+    _check_covers(meta, texts, items)
     ds.item_labels = _labels(items, label_of)
     if features:
         _movie_features(ds, items, "ml-100k-mm", texts, folder / "posters", cache_dir)
@@ -337,6 +345,7 @@ def load_ml_latest_small(folder: str | Path, favor_threshold: float = 4.0, featu
         g = [x for x in genres.split("|") if x and x != "(no genres listed)"]
         texts.setdefault(mid, f"{title.strip()}. {', '.join(g)}. {', '.join(tags_of.get(mid, []))}")
         label_of.setdefault(mid, g[0] if g else "unknown")
+    _check_covers(movies, texts, items)
     ds.item_labels = _labels(items, label_of)
     if features:
         _movie_features(ds, items, "ml-latest-small-mm", texts, folder / "posters", cache_dir)
