@@ -31,6 +31,25 @@ def test_grid_has_one_row_per_run_and_split_and_reuses_finished_runs(grid):
         res[res["split"] == "test"].set_index(["model", "seed"])["train_seconds"].sort_index())
 
 
+def test_damaged_run_files_are_refused_by_name(grid, tmp_path):
+    import shutil
+
+    from m3bsr.train import CheckpointError
+    runs, _ = grid
+    copy = tmp_path / "runs"
+    shutil.copytree(runs, copy)
+    cfgs = experiments.grid_configs(["synthetic"], ["sasrec"], [0], "ci", OVER)
+    run = run_dir(cfgs[0], copy)
+    for damaged in ('{"valid": {}', '{"valid": {}}', "[]"):  # truncated; no test metrics; not an object
+        (run / "metrics.json").write_text(damaged)
+        with pytest.raises(CheckpointError, match="metrics.json"):
+            experiments.run_grid(["synthetic"], ["sasrec"], [0], "ci", copy, OVER, log=lambda *_: None)
+    for damaged in ("", "epoch,loss\n1,2.0\n", "epoch,seconds\n1,abc\n"):  # empty; no seconds; not a number
+        (run / "history.csv").write_text(damaged)
+        with pytest.raises(CheckpointError, match="history.csv"):
+            experiments.run_costs(cfgs, copy)
+
+
 def test_best_baseline_is_chosen_on_validation(grid):
     _, res = grid
     valid = res[res["split"] == "valid"].groupby("model")["NDCG@10"].mean()
@@ -42,18 +61,23 @@ def test_best_baseline_is_chosen_on_validation(grid):
     assert experiments.best_baseline(made, "d") == "a"  # b wins on test only
 
 
-def test_paired_test_pairs_every_test_user_and_reproduces_the_saved_means(grid):
+def test_paired_test_pairs_every_test_user_once_and_reproduces_the_saved_means(grid):
     runs, res = grid
     out = experiments.paired_test("synthetic", "sasrec", "pop", [0, 1], "ci", runs, OVER)
     test = res[res["split"] == "test"].groupby("model")["NDCG@10"].mean()
-    n_users = len(res[(res["split"] == "test") & (res["model"] == "pop")])  # one row per seed
-    assert out["pairs"] == 150 * n_users  # every evaluable user of the ci synthetic data, per seed
+    assert out["pairs"] == 150 and out["seeds"] == 2  # every evaluable user of the ci synthetic data, once
     for m in ("sasrec", "pop"):  # the mean of the per-user values is the table's mean over seeds
         assert out[f"{m} NDCG@10"] == pytest.approx(test[m], abs=1e-12)
     assert out["mean difference"] == pytest.approx(test["sasrec"] - test["pop"], abs=1e-12)
     assert 0 <= out["Wilcoxon p"] <= 1 and 0 <= out["paired t p"] <= 1
     same = experiments.paired_test("synthetic", "pop", "pop", [0], "ci", runs, OVER)
     assert same["mean difference"] == 0 and same["Wilcoxon p"] == same["paired t p"] == 1.0
+    # a seed counted three times is no more evidence than once (pooled (seed, user) pairs would shrink p)
+    once = experiments.paired_test("synthetic", "sasrec", "pop", [0], "ci", runs, OVER)
+    thrice = experiments.paired_test("synthetic", "sasrec", "pop", [0, 0, 0], "ci", runs, OVER)
+    assert once["Wilcoxon p"] < 1 and thrice["pairs"] == once["pairs"] == 150
+    for key in ("Wilcoxon p", "paired t p", "mean difference"):
+        assert thrice[key] == pytest.approx(once[key], rel=1e-9)
 
 
 def test_trained_reloads_the_best_checkpoint_and_can_change_inference_fields(grid):

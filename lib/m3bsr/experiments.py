@@ -21,7 +21,7 @@ import torch
 from .config import Config, check_jobs, make_config
 from .data.schema import Dataset
 from .metrics import metrics_from_ranks, ndcg_per_row
-from .train import Trainer, load_data, load_trained, resolve_device, run_dir, train_cached
+from .train import CheckpointError, Trainer, load_data, load_trained, resolve_device, run_dir, train_cached
 
 TABLE_METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
 
@@ -135,10 +135,19 @@ def run_costs(cfgs: Iterable[Config], runs: str | Path, unique: bool = True) -> 
             continue
         seen.add(run)
         history = run / "history.csv"  # one row per training epoch; absent when nothing trains
-        seconds = pd.read_csv(history)["seconds"] if history.exists() else pd.Series([], dtype=float)
+        seconds = _history_seconds(history) if history.exists() else pd.Series([], dtype=float)
         rows.append({"run": run.name, "dataset": cfg.data.dataset, "model": cfg.model.model, "seed": cfg.train.seed,
                      "epochs": len(seconds), "train_seconds": seconds.sum() if len(seconds) else float("nan")})
     return pd.DataFrame(rows, columns=["run", "dataset", "model", "seed", "epochs", "train_seconds"])
+
+
+def _history_seconds(path: Path) -> pd.Series:
+    """A run's per-epoch training seconds; a history.csv without them raises CheckpointError naming it."""
+    try:
+        seconds = pd.to_numeric(pd.read_csv(path)["seconds"], errors="raise")
+    except (ValueError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise CheckpointError(f"{path}: expected a run's history with a numeric 'seconds' column ({e!r})") from None
+    return seconds
 
 
 def summarize(results: pd.DataFrame, metrics=TABLE_METRICS, split: str = "test") -> pd.DataFrame:
@@ -173,14 +182,17 @@ def best_baseline(results: pd.DataFrame, dataset: str, model: str = "m3bsr", met
 
 def paired_test(dataset: str, model_a: str, model_b: str, seeds: Iterable[int], profile: str, runs: str | Path,
                 overrides: dict[str, Any] | None = None, k: int = 10, sampled: bool = False) -> dict[str, Any]:
-    """Paired comparison of two models' test NDCG@k over (seed, user) pairs from their saved runs.
+    """Paired comparison of two models' test NDCG@k over the test users, from their saved runs.
 
-    For each seed both best checkpoints rank the same test rows; the pairs are the per-user
-    NDCG@k values (full ranking, or the 1+99 sampled ranking with ``sampled``). Returns the means,
-    the mean difference a - b, the Wilcoxon signed-rank p-value (two-sided, zero differences
-    dropped) and the paired t-test p-value.
+    For each seed both best checkpoints rank the same test rows (one per user); a user's value is
+    their NDCG@k (full ranking, or the 1+99 sampled ranking with ``sampled``) averaged over the
+    seeds, so each user is one pair however many seeds there are (the seeds' values of one user
+    are not independent pairs). Returns the number of pairs (users) and seeds, the means, the mean
+    difference a - b, the Wilcoxon signed-rank p-value (two-sided, zero differences dropped) and
+    the paired t-test p-value.
     """
     from scipy import stats  # noqa: PLC0415
+    seeds = list(seeds)
     values: dict[str, list] = {model_a: [], model_b: []}
     data: Dataset | None = None
     for seed in seeds:
@@ -189,13 +201,13 @@ def paired_test(dataset: str, model_a: str, model_b: str, seeds: Iterable[int], 
             data = trainer.ds  # loaded once
             full, smp = trainer.ranks("test")
             values[model].append(ndcg_per_row(smp if sampled else full, k).numpy())
-    a, b = (np.concatenate(values[m]) for m in (model_a, model_b))
+    a, b = (np.stack(values[m]).mean(0) for m in (model_a, model_b))  # (users,): mean over the seeds
     diff = a - b
     differ = bool(np.any(diff != 0))  # identical values: no evidence of a difference (the tests would give NaN)
     wilcoxon = stats.wilcoxon(a, b).pvalue if differ else 1.0
     t_test = stats.ttest_rel(a, b).pvalue if differ else 1.0
-    return {"dataset": dataset, "a": model_a, "b": model_b, "pairs": len(a), f"{model_a} NDCG@{k}": a.mean(),
-            f"{model_b} NDCG@{k}": b.mean(), "mean difference": diff.mean(),
+    return {"dataset": dataset, "a": model_a, "b": model_b, "pairs": len(a), "seeds": len(seeds),
+            f"{model_a} NDCG@{k}": a.mean(), f"{model_b} NDCG@{k}": b.mean(), "mean difference": diff.mean(),
             "Wilcoxon p": float(wilcoxon), "paired t p": float(t_test)}
 
 

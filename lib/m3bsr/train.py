@@ -757,5 +757,12 @@ def train_cached(cfg: Config, runs: str | Path, dataset: Dataset | None = None) 
     out = run_dir(cfg, runs)
     done = out / "metrics.json"
     if done.exists():
-        return json.loads(done.read_text())
+        try:
+            result = json.loads(done.read_text())
+            if all(isinstance(result.get(split), dict) for split in ("valid", "test")):
+                return result
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            pass
+        raise CheckpointError(f"{done}: expected a finished run's {{'valid': {{...}}, 'test': {{...}}}}; "
+                              f"delete the file to train the run again")
     return Trainer(cfg, out, dataset=dataset).fit(resume=True)
