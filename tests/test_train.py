@@ -292,6 +292,45 @@ def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert "not an m3bsr run config" in capsys.readouterr().err
 
 
+def test_best_checkpoint_is_the_argmax_of_validation(tmp_path):
+    run = tmp_path / "run"
+    res = Trainer(ci_config(tmp_path, epochs=4, patience=10, lr=0.005), run).fit()
+    vals = [float(r["valid_NDCG@10"]) for r in csv.DictReader((run / "history.csv").open())]
+    assert res["valid"]["NDCG@10"] == max(vals) and res["best_epoch"] == 1 + vals.index(max(vals))
+
+
+def test_test_is_evaluated_once_from_the_best_checkpoint(tmp_path, monkeypatch):
+    """Validation, scripted to peak at epoch 1 while training goes on, picks the checkpoint; test is read once."""
+    calls, real = [], Trainer.evaluate
+
+    def scripted(self, split):
+        calls.append(split)
+        out = real(self, split)
+        if split == "valid" and self.epoch and len(calls) <= self.cfg.train.epochs:
+            out["NDCG@10"] = 1.0 / self.epoch
+        return out
+
+    monkeypatch.setattr(Trainer, "evaluate", scripted)
+    tr = Trainer(ci_config(tmp_path, epochs=4, patience=10), tmp_path / "run")
+    res = tr.fit()
+    assert calls.count("test") == 1 and calls[-1] == "test" and res["best_epoch"] == 1
+    best = train.load_checkpoint(tmp_path / "run" / "best.pt")["model"]
+    assert all(torch.equal(v, best[k]) for k, v in tr.model.state_dict().items()), "test read from best.pt's weights"
+
+
+def test_negatives_are_unseen_items_shared_by_models_and_popularity_counts_training_targets(tmp_path):
+    a, b = Trainer(ci_config(tmp_path, model="pop")), Trainer(ci_config(tmp_path, seed=3))
+    for split in ("valid", "test"):
+        neg, rows = a.negatives[split], a.seq.split(split)
+        assert torch.equal(neg, b.negatives[split])
+        for r, u in enumerate(rows["users"].tolist()):
+            assert not set(neg[r].tolist()) & set(a.seq.seen[u].tolist())  # never an item the user met
+            assert int(rows["targets"][r, 0]) not in neg[r].tolist()
+    expected = torch.bincount(a.seq.train["targets"].flatten(), minlength=a.ds.n_items + 1).float()
+    expected[0] = 0
+    assert torch.equal(a.info.item_counts, expected), "item statistics count training targets only"
+
+
 def test_cli_stats_reads_the_same_data_options_as_train(tmp_path, capsys):
     csv = tmp_path / "log.csv"
     csv.write_text("user_id,item_id,behavior,timestamp\nu1,i1,view,1\nu1,i2,cart,2\nu1,i3,buy,3\nu2,i1,buy,4\n")
