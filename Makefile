@@ -1,6 +1,7 @@
 # Two commands do all set-up: `make test` and `make reproduce`.
-# CPU machines get torch==2.13.0 (a CPU wheel); for CUDA, install your torch build into .venv
-# first (e.g. `.venv/bin/pip install torch --index-url <your CUDA wheel index>`) and set TORCH=.
+# TORCH is installed as pip resolves it (a CPU wheel where the index serves one; from PyPI on Linux a CUDA
+# build). To choose, install your torch build into .venv first (e.g. `.venv/bin/pip install torch --index-url
+# <PyTorch's CPU or CUDA wheel index>`) and set TORCH=.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

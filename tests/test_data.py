@@ -126,7 +126,8 @@ def test_dispatcher_errors(tmp_path):
                                         ("syn_clusters", 0), ("syn_noise", 1.5), ("syn_noise", float("nan")),
                                         ("patience", -1), ("heads", 0), ("lr", -1), ("weight_decay", -0.1),
                                         ("lambda_c", -1), ("lambda_b", float("nan")), ("mask_ratio", 1.5),
-                                        ("tau", 0), ("tau", float("nan"))])
+                                        ("tau", 0), ("tau", float("nan")), ("lr", float("inf")),
+                                        ("lambda_m", float("inf")), ("tau", float("inf"))])
 def test_out_of_range_settings_are_config_errors(key, value):
     cfg = make_config("ci")
     with pytest.raises(ConfigError, match=key):

@@ -40,11 +40,11 @@ def test_damaged_run_files_are_refused_by_name(grid, tmp_path):
     shutil.copytree(runs, copy)
     cfgs = experiments.grid_configs(["synthetic"], ["sasrec"], [0], "ci", OVER)
     run = run_dir(cfgs[0], copy)
-    for damaged in ('{"valid": {}', '{"valid": {}}', "[]"):  # truncated; no test metrics; not an object
+    for damaged in ('{"valid": {}', '{"valid": {}}', '{"valid": {}, "test": {}}', "[]"):  # truncated, empty, a list
         (run / "metrics.json").write_text(damaged)
         with pytest.raises(CheckpointError, match="metrics.json"):
             experiments.run_grid(["synthetic"], ["sasrec"], [0], "ci", copy, OVER, log=lambda *_: None)
-    for damaged in ("", "epoch,loss\n1,2.0\n", "epoch,seconds\n1,abc\n"):  # empty; no seconds; not a number
+    for damaged in ("", "epoch,loss\n1,2.0\n", "epoch,seconds\n1,abc\n", "epoch,seconds\n1,\n"):
         (run / "history.csv").write_text(damaged)
         with pytest.raises(CheckpointError, match="history.csv"):
             experiments.run_costs(cfgs, copy)

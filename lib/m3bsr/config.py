@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,8 @@ class Config:
         value = _parse(value, str(ftype), key)
         if key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"config field {key!r} must be one of {CHOICES[key]}, got {value!r}")
+        if key in {**RANGES, **ABOVE} and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config field {key!r} must be a finite number, got {value!r}")
         if key in RANGES and value is not None:
             lo, hi = RANGES[key]
             if not (lo <= value and (hi is None or value <= hi)):

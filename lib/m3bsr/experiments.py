@@ -144,7 +144,9 @@ def run_costs(cfgs: Iterable[Config], runs: str | Path, unique: bool = True) -> 
 def _history_seconds(path: Path) -> pd.Series:
     """A run's per-epoch training seconds; a history.csv without them raises CheckpointError naming it."""
     try:
-        seconds = pd.to_numeric(pd.read_csv(path)["seconds"], errors="raise")
+        seconds = pd.to_numeric(pd.read_csv(path)["seconds"])
+        if seconds.isna().any():
+            raise ValueError("an empty 'seconds' value")
     except (ValueError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise CheckpointError(f"{path}: expected a run's history with a numeric 'seconds' column ({e!r})") from None
     return seconds

@@ -759,10 +759,10 @@ def train_cached(cfg: Config, runs: str | Path, dataset: Dataset | None = None) 
     if done.exists():
         try:
             result = json.loads(done.read_text())
-            if all(isinstance(result.get(split), dict) for split in ("valid", "test")):
+            if all("NDCG@10" in result.get(split, {}) for split in ("valid", "test")):
                 return result
-        except (ValueError, UnicodeDecodeError, AttributeError):
+        except (ValueError, AttributeError, TypeError):  # not JSON (UnicodeDecodeError is a ValueError), not dicts
             pass
-        raise CheckpointError(f"{done}: expected a finished run's {{'valid': {{...}}, 'test': {{...}}}}; "
-                              f"delete the file to train the run again")
+        raise CheckpointError(f"{done}: expected a finished run's metrics, {{'valid': {{'NDCG@10': ...}}, "
+                              f"'test': {{...}}}}; delete the file to train the run again")
     return Trainer(cfg, out, dataset=dataset).fit(resume=True)

@@ -138,6 +138,11 @@ def save_table(df: pd.DataFrame, name: str, folder: str | Path, markdown: str | 
     return [csv, md]
 
 
+def save_csv(df: pd.DataFrame, path: str | Path) -> None:
+    """Write ``df`` without its index to ``path``, all or nothing (a run list, e.g. ``04_runs.csv``)."""
+    _write(Path(path), df.to_csv(index=False).encode())
+
+
 def _write(path: Path, data: bytes) -> None:
     """All or nothing (``train.atomic_write_bytes``): an interrupted or failed write keeps the old file."""
     from .train import atomic_write_bytes  # noqa: PLC0415 (imports torch)

@@ -168,8 +168,8 @@ def read_table(path: str | Path, columns: Sequence[str], *, header: bool = True,
             line, start = start, reader.line_num + 1
             if not r:
                 continue
-            spans = f" (a quoted field opened on it runs to line {reader.line_num}: unclosed '\"'?)" \
-                if reader.line_num > line else ""
+            spans = (f" (a quoted field opened on it runs to line {reader.line_num}: unclosed '\"'?)"
+                     if reader.line_num > line else "")
             if len(r) != len(names):
                 raise DataError(f"expected {len(names)} {sep!r}-separated fields ({', '.join(names)}), "
                                 f"got {len(r)}{spans}", file=path, line=line)
@@ -276,7 +276,8 @@ def _movie_features(ds: Dataset, items: pd.Index, name: str, texts: dict[Any, st
 
 
 def _check_covers(table: Table, described: Sequence[Any], items: pd.Index) -> None:
-    """A metadata file must describe at least one logged item: a file of another dataset matches none."""
+    """A metadata file must describe at least one logged item (it catches, e.g., another dataset's file
+    whose ids are all different; a file of overlapping ids passes, its missing items get ``missing``)."""
     if not pd.Index(items).isin(list(described)).any():
         raise DataError(f"describes none of the {len(items)} logged item ids (e.g. {', '.join(map(str, items[:3]))}); "
                         f"expected the metadata of this log", file=table.path)
