@@ -97,8 +97,9 @@ from .models.diffusion import ConditionalChain
 from .models.layers import before_mask, causal_mask, gather_positions, sinusoidal
 from .models.m3bsr import M3BSR, level_weights
 from .models.registry import build_model
-from .train import (Trainer, atomic_write_text, data_info, evaluate, kept_host_memory, load_data, load_trained,
-                    resolve_device, run_config, trim_host_memory)
+from .files import atomic_write_text
+from .train import (Trainer, data_info, evaluate, kept_host_memory, load_data, load_trained, resolve_device,
+                    run_config, trim_host_memory)
 
 TOL = 1e-9  # max |naive - fast| on the user vectors, compared in float64 (float32 rounding alone is ~1e-4)
 FEATURE_DIMS = {"image": 1280, "text": 384}  # the MovieLens -mm encoders' output sizes

@@ -46,7 +46,6 @@ import json
 import os
 import platform
 import random
-import re
 import sys
 import time
 import warnings
@@ -61,6 +60,7 @@ import torch.nn as nn
 from .config import Config, ConfigError, repo_root
 from .data.schema import Dataset, DataError
 from .data.sequences import SequenceData
+from .files import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from .metrics import metrics_from_ranks, ranks
 from .models.base import DataInfo, Recommender
 from .models.registry import build_model
@@ -68,7 +68,6 @@ from .models.registry import build_model
 SELECT_METRIC = "NDCG@10"
 NEGATIVES_SEED = 20250805  # one fixed draw of sampled negatives, shared by every model and seed
 _MAGIC = b"M3BSRCK1"
-_TMP = re.compile(r"\..+\.tmp\d+")  # atomic_write_bytes' temporary names: .<name>.tmp<pid>
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt() parameters, from glibc's <malloc.h>
@@ -226,56 +225,7 @@ class _Loss(nn.Module):
         return self.model.loss(batch)
 
 
-# ---------------------------------------------------------------- atomic files and checkpoints
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash at any point leaves either the old or the new ``path``, never a mix; a killed process
-    may leave its ``.<name>.tmp<pid>`` behind (:func:`remove_stale_temporaries` clears those).
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):  # e.g. a read-only folder: keep the first error
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):  # disk full, read-only, ...: name the file it was writing
-            raise OSError(e.errno, f"cannot write {path} ({e.strerror})") from None
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete ``.<name>.tmp<pid>`` files a killed run left in ``folder``; returns them."""
-    stale = [p for p in Path(folder).iterdir() if p.is_file() and _TMP.fullmatch(p.name)]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
-
+# ---------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Checkpoint file = magic + sha256(payload) + payload, written atomically."""

@@ -19,6 +19,7 @@ import pandas as pd
 
 from .config import CHOICES, PROFILES, check_jobs, repo_root
 from .data.schema import Dataset
+from .files import atomic_write_bytes
 
 DATASETS = tuple(d for d in CHOICES["dataset"] if d != "csv")  # the named sources a notebook can load
 DPI = 110
@@ -111,7 +112,7 @@ def save_figure(fig, name: str, folder: str | Path, dpi: int | None = None) -> l
     for path, options in ((png, {"dpi": dpi or fig.dpi, "metadata": PNG_METADATA}), (pdf, {"metadata": PDF_METADATA})):
         buf = io.BytesIO()
         fig.savefig(buf, format=path.suffix[1:], bbox_inches="tight", **options)
-        _write(path, buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue())
     return [png, pdf]
 
 
@@ -133,20 +134,14 @@ def save_table(df: pd.DataFrame, name: str, folder: str | Path, markdown: str | 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     csv, md = folder / f"{name}.csv", folder / f"{name}.md"
-    _write(csv, df.to_csv(index=bool(df.index.name or any(df.index.names))).encode())
-    _write(md, (markdown if markdown is not None else to_markdown(df)).encode())
+    atomic_write_bytes(csv, df.to_csv(index=bool(df.index.name or any(df.index.names))).encode())
+    atomic_write_bytes(md, (markdown if markdown is not None else to_markdown(df)).encode())
     return [csv, md]
 
 
 def save_csv(df: pd.DataFrame, path: str | Path) -> None:
     """Write ``df`` without its index to ``path``, all or nothing (a run list, e.g. ``04_runs.csv``)."""
-    _write(Path(path), df.to_csv(index=False).encode())
-
-
-def _write(path: Path, data: bytes) -> None:
-    """All or nothing (``train.atomic_write_bytes``): an interrupted or failed write keeps the old file."""
-    from .train import atomic_write_bytes  # noqa: PLC0415 (imports torch)
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(Path(path), df.to_csv(index=False).encode())
 
 
 def _plt():
@@ -732,7 +727,7 @@ def denoising_embeddings(model: Any, split: dict, path: str | Path, seed: int = 
                                     else project_2d(E[key], method, seed=seed))
     buf = io.BytesIO()
     np.savez_compressed(buf, **E)
-    _write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return E
 
 

@@ -15,14 +15,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import io
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from ..files import atomic_write_bytes
 from .schema import DataError
 
 # Part of every cache key: bump a version when the encoder or its preprocessing changes.
@@ -55,9 +56,9 @@ def cached(name: str, key_parts: Sequence[bytes | str], compute: Callable[[], di
     """Return ``compute()``, stored as ``<cache_dir>/<name>-<hash>.npz``.
 
     The hash covers ``key_parts`` (the inputs' content and an encoder version string). A cache
-    file that cannot be read (truncated, corrupted) is recomputed and overwritten. Writing goes
-    through a temporary file in the same folder, fsync and ``os.replace``, so a crash never
-    leaves a half-written ``.npz`` under the final name.
+    file that cannot be read (truncated, corrupted) is recomputed and overwritten. Writing is
+    all or nothing (:func:`m3bsr.files.atomic_write_bytes`), so a crash never leaves a
+    half-written ``.npz`` under the final name.
     """
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = folder / f"{name}-{cache_key(key_parts)[:24]}.npz"
@@ -72,21 +73,12 @@ def cached(name: str, key_parts: Sequence[bytes | str], compute: Callable[[], di
     except OSError as e:  # e.g. cache_dir names a file
         raise DataError(f"cannot use it as the cache folder ({e.strerror})", file=folder) from None
     out = compute()
-    tmp = None
+    buf = io.BytesIO()
+    np.savez(buf, **out)
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **out)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
+        atomic_write_bytes(path, buf.getvalue())
     except OSError as e:  # e.g. a full disk or a read-only cache folder
         raise DataError(f"cannot write the feature cache ({e.strerror})", file=path) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
     return out
 
 
