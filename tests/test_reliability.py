@@ -112,7 +112,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
     full = Trainer(ci_config(tmp_path, epochs=3), tmp_path / "full").fit()
     out2 = tmp_path / "run"
     tr = Trainer(ci_config(tmp_path, epochs=3), out2)
-    import m3bsr.train as train_mod
+    import m3bsr.files as files_mod
     real_replace, saves = os.replace, []
 
     def dying_replace(src, dst):  # the process dies in the middle of the 3rd epoch's last.pt write
@@ -122,10 +122,10 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
                 raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(train_mod.os, "replace", dying_replace)
+    monkeypatch.setattr(files_mod.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
         tr.fit()
-    monkeypatch.setattr(train_mod.os, "replace", real_replace)
+    monkeypatch.setattr(files_mod.os, "replace", real_replace)
     assert load_checkpoint(out2 / "last.pt")["epoch"] == 2, "the previous good last.pt is still there"
     assert not list(out2.glob(".*.tmp*")), "an interrupted write removes its temporary file"
     # a SIGKILL leaves the temporary file behind: plant one, half written, next to the real checkpoint
@@ -172,7 +172,7 @@ def test_a_failed_write_names_its_file_and_keeps_the_old_one(tmp_path, monkeypat
     import pandas as pd
 
     import m3bsr.data.features as features_mod
-    import m3bsr.train as train_mod
+    import m3bsr.files as files_mod
     from m3bsr import viz
     from m3bsr.data.schema import DataError
 
@@ -182,7 +182,7 @@ def test_a_failed_write_names_its_file_and_keeps_the_old_one(tmp_path, monkeypat
     old = pd.DataFrame({"a": [1.0, 2.0]})
     viz.save_table(old, "t", tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    monkeypatch.setattr(train_mod.os, "replace", full_disk)
+    monkeypatch.setattr(files_mod.os, "replace", full_disk)
     with pytest.raises(OSError, match="cannot write .*t.csv .No space left"):
         viz.save_table(pd.DataFrame({"a": [3.0] * 1000}), "t", tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before, "old tables kept, no temporary left"
