@@ -292,6 +292,21 @@ def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert "not an m3bsr run config" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("section, key, value, words", [("model", "T", 0, "'T' must be >= 1"),
+                                                        ("model", "schedule", "cosin", "'schedule' must be one of"),
+                                                        ("train", "lr", -0.1, "'lr' must be >= 0.0"),
+                                                        ("train", "learning_rate", 0.1, "unknown config field")])
+def test_an_edited_run_config_is_checked_like_set(tmp_path, section, key, value, words):
+    """A hand-edited config.json is refused by name and field, not read as a config it never was."""
+    cfg = make_config("ci")
+    assert train.Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    d = cfg.to_dict()
+    d[section][key] = value
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match=f"config.json: not an m3bsr run config .*{words}"):
+        train.run_config(tmp_path)
+
+
 def test_best_checkpoint_is_the_argmax_of_validation(tmp_path):
     run = tmp_path / "run"
     res = Trainer(ci_config(tmp_path, epochs=4, patience=10, lr=0.005), run).fit()

@@ -114,8 +114,16 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
-        return cls(data=DataConfig(**d["data"]), model=ModelConfig(**d["model"]),
-                   train=TrainConfig(**d["train"]), profile=d.get("profile", "default"))
+        """The inverse of :meth:`to_dict`; each value is checked as :meth:`set` checks it (ConfigError).
+        Fields the dict lacks (a config saved before they existed) keep their defaults."""
+        cfg = cls(profile=d.get("profile", "default"))
+        for section in ("data", "model", "train"):
+            known = {f.name for f in dataclasses.fields(getattr(cfg, section))}
+            for key, value in d[section].items():
+                if key not in known:
+                    raise ConfigError(f"unknown config field {section}.{key}")
+                cfg.set(key, value)
+        return cfg
 
     def hash(self) -> str:
         """Stable hash of everything that changes results (not the device or progress bar).
