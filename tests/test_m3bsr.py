@@ -394,3 +394,115 @@ def test_bf16_autocast_keeps_losses_float32():
         out = model.loss(tiny_batch())
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
     out["loss"].backward()
+
+
+# --------------------------------------------------------------------------------------------
+# schedule values, step formulas, training noise and losses
+# --------------------------------------------------------------------------------------------
+
+
+def test_linear_schedule_is_the_product_of_one_minus_beta():
+    """abar_t = prod_{s <= t} (1 - beta_s), beta linear from 1e-4 to 0.02 (DDPM)."""
+    T = 10
+    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64).tolist()
+    abar = linear_schedule(T)
+    for t in range(1, T + 1):
+        assert abar[t].item() == pytest.approx(math.prod(1 - b for b in betas[:t]), rel=1e-12)
+
+
+def test_reverse_step_matches_its_formula_beyond_the_first_step():
+    """p_step's noise coefficient uses abar_t: checked at t = 3 of 5, where a_t and abar_t differ
+    (at t = 1 they are equal, so the inversion test above cannot tell them apart)."""
+    _, a, abar = Schedule(5, "cosine").steps()[2]
+    assert abs(a - abar) > 0.1
+    h, e = torch.randn(4, 8), torch.randn(4, 8)
+    expected = (h - (1 - a) / math.sqrt(1 - abar) * e) / math.sqrt(a)
+    assert torch.allclose(p_step(h, e, a, abar), expected, atol=1e-5)
+
+
+def test_strided_grid_is_round_i_T_over_n():
+    """inference_steps = n visits t_i = round(i * T / n), i = 1..n (the documented grid)."""
+    assert Schedule(15).grid(4) == [4, 8, 11, 15]
+    assert Schedule(10).grid(3) == [3, 7, 10]
+
+
+def _spy_q_step(monkeypatch) -> list:
+    """Record (a_t, scaled noise) of every forward step a chain takes."""
+    from m3bsr.models import diffusion
+    got, real = [], diffusion.q_step
+
+    def spy(h, a_t, eps, scaled=False):
+        got.append((a_t, eps))
+        return real(h, a_t, eps, scaled)
+
+    monkeypatch.setattr(diffusion, "q_step", spy)
+    return got
+
+
+def test_training_noise_of_step_t_has_std_sqrt_one_minus_a_t(monkeypatch):
+    """The forward step adds sqrt(1 - a_t) eps (a_t, not abar_t: they differ from t = 2 on)."""
+    got = _spy_q_step(monkeypatch)
+    torch.manual_seed(0)
+    chain = ConditionalChain(tiny_cfg(T=3, schedule="cosine"), D)
+    chain(torch.randn(16, 64, D), torch.randn(16, 64, D), causal=True)
+    assert len(got) == 3
+    for a_t, noise in got:
+        assert noise.std().item() == pytest.approx(math.sqrt(1 - a_t), rel=0.03)
+
+
+def test_eps_loss_is_zero_for_a_predictor_of_the_true_noise(monkeypatch):
+    """diffusion_loss='eps' compares eps^_t with the unit-variance eps, not with the drawn sqrt(1 - a_t) eps."""
+    got = _spy_q_step(monkeypatch)
+
+    class Oracle(torch.nn.Module):
+        def condition(self, c):
+            return None
+
+        def forward(self, x, kv, mask=None, causal=False, t=None, return_weights=False):
+            a_t, noise = got[-1]
+            return noise / math.sqrt(1 - a_t)
+
+    chain = ConditionalChain(tiny_cfg(T=3, diffusion_loss="eps"), D)
+    chain.predictor = Oracle()
+    assert chain(torch.randn(2, 5, D), torch.randn(2, 5, D)).loss.item() < 1e-10
+
+
+def test_training_runs_all_T_steps_whatever_inference_steps():
+    """inference_steps strides the evaluation chain only; training always takes the T steps."""
+    chain = ConditionalChain(tiny_cfg(T=4, inference_steps=2), D)
+    x, c = torch.randn(2, 5, D), torch.randn(2, 5, D)
+    assert len(chain(x, c, causal=True, return_states=True).states) == 5
+    chain.eval()
+    assert len(chain(x, c, causal=True, return_states=True).states) == 3
+
+
+def test_diffusion_losses_average_the_real_events_of_each_level():
+    """CDMD and CDBD weight position l by 1 / (real events of its level in the batch): BOS and padding
+    get 0, and each level's weights sum to 1 (a mean per level, whatever the batch size)."""
+    model = make()
+    batch = tiny_batch()
+    weights = {}
+    for name, chains in (("cdmd", model.cdmd), ("cdbd", model.cdbd)):
+        for m, chain in chains.items():
+            chain.register_forward_pre_hook(
+                lambda mod, args, kw, key=f"{name}/{m}": weights.__setitem__(key, kw["weight"]), with_kwargs=True)
+    model.loss(batch)
+    valid = batch["items"] > 0
+    B, S, L1 = valid.shape
+    assert set(weights) == {"cdmd/image", "cdmd/text", "cdbd/id", "cdbd/image", "cdbd/text"}
+    for key, w in weights.items():
+        v = valid if key.startswith("cdmd") else valid[:, :1]  # CDBD: the click level
+        w = w.view(B, -1, L1)  # CDMD rows are (user, level); CDBD's one level: users
+        assert (w[~v] == 0).all(), key
+        assert torch.allclose(w.sum((0, 2)), torch.ones(v.shape[1])), key
+
+
+def test_contrastive_loss_is_the_mean_over_real_targets():
+    """L_contrast averages the per-target loss over real targets (target > 0), never over empty slots."""
+    model = make()
+    batch = tiny_batch()
+    has = batch["targets"] > 0
+    assert (~has).any()
+    torch.manual_seed(0)
+    _, aux, z = model.forward_all(batch)
+    assert torch.allclose(aux["contrast"], contrastive_apart(z, model.cfg.tau)[has].mean(), atol=1e-5)

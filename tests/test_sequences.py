@@ -136,3 +136,59 @@ def test_history_index_counts_strictly_earlier_events():
     times = torch.tensor([[[TIME_BOS, 1, 2, 2, 5, TIME_PAD]]])
     idx = history_index(times, torch.tensor([[0, 1, 2, 3, 5, 6]]))
     assert idx[0, 0].tolist() == [0, 0, 1, 3, 3, 4]
+
+
+def test_seen_before_lists_the_items_met_strictly_before_the_target():
+    """seen_before (for mask_seen) holds every item of any level with a timestamp strictly before
+    the row's target: not the target's own click, nor any other event at the target's timestamp."""
+    ds, seq = build(toy())
+    df = ds.interactions
+    for name in ("valid", "test"):
+        split, (ptr, items) = seq.split(name), seq.seen_before[name]
+        for r, u in enumerate(split["users"].tolist()):
+            t = int(split["target_times"][r, 0])
+            expected = sorted(set(df.item[(df.user == u) & (df.timestamp < t)].tolist()))
+            assert items[ptr[r]:ptr[r + 1]].tolist() == expected, (name, u)
+
+
+def test_evaluation_history_is_the_last_max_len_events_before_the_target():
+    """Per level, an evaluation row holds the L most recent events strictly before its target, in time order."""
+    L = 4
+    ds, seq = build(toy(), L=L)
+    df = ds.interactions
+    for name in ("valid", "test"):
+        split = seq.split(name)
+        for r, u in enumerate(split["users"].tolist()):
+            t = int(split["target_times"][r, 0])
+            for s in range(2):
+                ev = df[(df.user == u) & (df.level == s) & (df.timestamp < t)].tail(L)
+                n = len(ev)
+                assert split["items"][r, s, 1:n + 1].tolist() == ev.item.tolist(), (name, u, s)
+                assert split["times"][r, s, 1:n + 1].tolist() == ev.timestamp.tolist()
+                assert (split["items"][r, s, n + 1:] == 0).all()
+
+
+def test_every_deep_event_before_the_validation_target_trains_exactly_once():
+    """Windows of L deep events tile the training part: with a click before every favor, each
+    favor before the validation target is a training target once, across several windows."""
+    rows = []
+    for u, n in ((0, 12), (1, 8)):
+        for i in range(n):  # click at 2i, favor of the same item at 2i + 1
+            rows += [(u, 10 * u + i + 1, 0, 2 * i, len(rows)), (u, 10 * u + i + 1, 1, 2 * i + 1, len(rows) + 1)]
+    ds, seq = build(pd.DataFrame(rows, columns=["user", "item", "level", "timestamp", "order"]), L=3)
+    tr = seq.train
+    for u, n in ((0, 12), (1, 8)):
+        mine = tr["users"] == u
+        has = tr["targets"][mine] > 0
+        assert sorted(tr["target_times"][mine][has].tolist()) == [2 * i + 1 for i in range(n - 2)], u
+    assert len(tr["users"]) > 2  # several windows per user
+
+
+def test_every_training_target_has_an_earlier_event_in_its_row():
+    """A deep event is a training target only when its window holds an event strictly before it: no
+    target is trained from the BOS token alone (as the first event of a SASRec sequence)."""
+    _, seq = build(toy())
+    tr = seq.train
+    for r in range(len(tr["users"])):
+        for k in np.flatnonzero(tr["targets"][r].numpy() > 0):
+            assert any(items for items, _ in effective_inputs(tr, r, k)), (r, k)

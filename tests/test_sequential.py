@@ -206,3 +206,76 @@ def test_embedding_tables_start_on_one_small_scale(name):
     assert tables
     for t in tables:
         assert t.weight.std().item() < 0.05, (name, t)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "sasrec-mm"])
+def test_sasrec_outputs_ignore_events_at_or_after_the_target(name):
+    """SASRec (causal over the deep stream, read at each target's deep history index): a training
+    target's user vector is unchanged when events at or after it change, and some later one changes."""
+    from m3bsr.models.registry import MODELS
+    torch.manual_seed(0)
+    info = DataInfo(n_items=N, levels=["b0", "b1"], features={"image": torch.randn(N + 1, 8)},
+                    feature_mask={"image": torch.ones(N + 1, dtype=torch.bool)})
+    model = MODELS[name](ModelConfig(model=name, d=16, layers=2, heads=2, dropout=0.1), info).eval()
+    batch = make_batch()
+    changed = False
+    with torch.no_grad():
+        y = model.user_vectors(batch)[0]
+        for k in range(L):
+            y2 = model.user_vectors(perturb_from(batch, batch["target_times"][:, k]))[0]
+            valid = batch["targets"][:, k] > 0
+            assert torch.allclose(y[valid, k], y2[valid, k], atol=1e-5), k
+            changed |= not torch.allclose(y, y2)
+    assert changed
+
+
+def test_bert4rec_never_attends_to_padding():
+    """Padding keys are masked: appending padding changes the encoding of no real position."""
+    model = build(BERT4Rec).eval()
+    x, _ = model.eval_input(make_batch(eval_rows=True))
+    padded = torch.cat([x, torch.zeros(len(x), 4, dtype=torch.long)], 1)
+    with torch.no_grad():
+        a, b = model.encode(x), model.encode(padded)[:, :L]
+    real = x > 0
+    assert torch.allclose(a[real], b[real], atol=1e-5)
+
+
+def test_diffurec_sampler_keeps_an_exact_denoiser_on_the_noiseless_path(monkeypatch):
+    """Posterior-mean steps: if the approximator returns x0 with x_T = sqrt(abar_T) x0, every
+    strided step t > s lands on x_s = sqrt(abar_s) x0 (DDPM's q(x_s | x_t, x0) mean)."""
+    model = build(DiffuRec, inference_steps=5).eval()
+    calls, x0 = [], []
+
+    def exact(h, idx, x_t, t):
+        if not x0:
+            x0.append(x_t / model.abar[int(t[0, 0])].sqrt())
+        calls.append((int(t[0, 0]), x_t))
+        return x0[0]
+
+    monkeypatch.setattr(model, "denoise", exact)
+    with torch.no_grad():
+        model.score(make_batch(eval_rows=True))
+    assert [t for t, _ in calls] == model.steps
+    for t, x in calls:
+        assert torch.allclose(x, model.abar[t].sqrt() * x0[0], atol=1e-5), t
+
+
+def test_diffurec_training_input_is_q_xt_given_x0(monkeypatch):
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with x0 = E[target]: with eps = 0 it is sqrt(abar_t) x0."""
+    model = build(DiffuRec)
+    batch = make_batch()
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    seen, real = [], model.denoise
+    monkeypatch.setattr(model, "denoise", lambda h, idx, x_t, t: seen.append((x_t, t)) or real(h, idx, x_t, t))
+    model.loss(batch)
+    [(x_t, t)] = seen
+    assert torch.allclose(x_t, model.abar[t][..., None].sqrt() * model.item(batch["targets"]), atol=1e-6)
+
+
+def test_diffurec_trunc_lin_betas_match_the_documented_ends():
+    """trunc_lin: beta from 1000/T * 1e-4 + 0.01 to 1000/T * 0.02 + 0.01 (to 1000/T * 1e-3 + 0.01
+    when that end exceeds 1)."""
+    b32, b8 = diffurec_betas("trunc_lin", 32), diffurec_betas("trunc_lin", 8)
+    assert b32[0].item() == pytest.approx(1000 / 32 * 1e-4 + 0.01)
+    assert b32[-1].item() == pytest.approx(1000 / 32 * 0.02 + 0.01)
+    assert b8[0].item() == pytest.approx(125 * 1e-4 + 0.01) and b8[-1].item() == pytest.approx(125 * 1e-3 + 0.01)

@@ -360,3 +360,101 @@ def test_cli_stats_reads_the_same_data_options_as_train(tmp_path, capsys):
 def _env():
     import os
     return {**os.environ, "PYTHONPATH": str(REPO / "lib")}
+
+
+def test_negatives_avoid_items_met_in_any_behaviour_and_never_repeat(tmp_path):
+    """Sampled negatives are items the user never met at any level (read from the interactions, not
+    from seq.seen), and n distinct items per row when the user left at least n unseen."""
+    tr = Trainer(ci_config(tmp_path, model="pop"))
+    met = tr.ds.interactions.groupby("user").item.agg(set)
+    for split in ("valid", "test"):
+        neg = tr.negatives[split]
+        for r, u in enumerate(tr.seq.split(split)["users"].tolist()):
+            assert not set(neg[r].tolist()) & met[u]
+            if tr.ds.n_items - len(met[u]) >= neg.shape[1]:
+                assert len(set(neg[r].tolist())) == neg.shape[1]
+
+
+def _target_stub(n_items: int, value: float) -> torch.nn.Module:
+    """A model scoring each row's target ``value`` and every other item 0."""
+    class Stub(torch.nn.Module):
+        def score(self, b):
+            return torch.zeros(len(b["users"]), n_items + 1).scatter_(1, b["targets"][:, :1], value)
+    return Stub()
+
+
+def test_sampled_ranks_rank_the_target_among_its_negatives(tmp_path):
+    """1 + n sampled ranking ranks the row's target: scored above everything it is first, scored
+    below everything it is last (1 + n), in the full and the sampled ranking alike."""
+    tr = Trainer(ci_config(tmp_path, model="pop"))
+    n = tr.negatives["test"].shape[1]
+    tr.model = _target_stub(tr.ds.n_items, 1.0)
+    full, sampled = tr.ranks("test")
+    assert full.eq(1).all() and sampled.eq(1).all()
+    tr.model = _target_stub(tr.ds.n_items, -1.0)
+    full, sampled = tr.ranks("test")
+    assert full.eq(tr.ds.n_items).all() and sampled.eq(1 + n).all()
+
+
+def test_mask_seen_masks_each_rows_own_items_in_every_evaluation_batch(tmp_path):
+    """With eval batches smaller than the split, every batch masks its own rows' seen items (the
+    stub of the mask_seen test above: seen items 10, target 5 -> every target first)."""
+    tr = Trainer(ci_config(tmp_path, model="pop", max_len=3, mask_seen=True, eval_batch_size=7))
+    test, df = tr.seq.split("test"), tr.ds.interactions
+    seen = torch.zeros(len(test["users"]), tr.ds.n_items + 1)
+    for r, (u, t) in enumerate(zip(test["users"].tolist(), test["target_times"][:, 0].tolist())):
+        seen[r, df.item[(df.user == u) & (df.timestamp < t)].tolist()] = 10.0
+    row = {u: r for r, u in enumerate(test["users"].tolist())}
+
+    class Stub(torch.nn.Module):
+        def score(self, b):
+            return seen[[row[u] for u in b["users"].tolist()]].clone().scatter_(1, b["targets"][:, :1], 5.0)
+
+    tr.model = Stub()
+    assert len(test["users"]) > 7 and tr.ranks("test")[0].eq(1).all()
+
+
+def test_evaluation_builds_no_autograd_graph(tmp_path):
+    """split_ranks scores under torch.no_grad: evaluation never keeps activations for a backward pass."""
+    tr = Trainer(ci_config(tmp_path, model="pop"))
+    grad = []
+
+    class Stub(torch.nn.Module):
+        def score(self, b):
+            grad.append(torch.is_grad_enabled())
+            return torch.zeros(len(b["users"]), tr.ds.n_items + 1)
+
+    tr.model = Stub()
+    tr.ranks("valid")
+    assert grad and not any(grad)
+
+
+def test_a_run_resumed_after_its_best_epoch_ends_with_the_best_weights(tmp_path, monkeypatch):
+    """Validation scripted to peak at epoch 1; the run dies in epoch 3 and is resumed: the weights
+    test is read from are best.pt's (epoch 1), not the last epoch's."""
+    real = Trainer.evaluate
+
+    def scripted(self, split):
+        out = real(self, split)
+        if split == "valid" and self.epoch:
+            out["NDCG@10"] = 1.0 / self.epoch
+        return out
+
+    monkeypatch.setattr(Trainer, "evaluate", scripted)
+    cut = Trainer(ci_config(tmp_path, epochs=4, patience=10), tmp_path / "run")
+    real_epoch, calls = cut.train_epoch, []
+
+    def crash_in_third_epoch():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_epoch()
+
+    cut.train_epoch = crash_in_third_epoch
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    tr = Trainer(ci_config(tmp_path, epochs=4, patience=10), tmp_path / "run")
+    res = tr.fit(resume=True)
+    assert res["best_epoch"] == 1 and tr.epoch == 4
+    best = load_checkpoint(tmp_path / "run" / "best.pt")["model"]
+    assert all(torch.equal(v, best[k]) for k, v in tr.model.state_dict().items()), "test read from best.pt's weights"
