@@ -190,11 +190,13 @@ def test_all_items_scored_equal_gives_zero_hits(tmp_path):
     assert m["HR@10"] == 0.0 and m["sampled_HR@10"] == 0.0
 
 
-def test_mask_seen_leaves_out_every_item_seen_before_the_target(tmp_path):
+@pytest.mark.parametrize("eval_batch_size", [512, 7])
+def test_mask_seen_leaves_out_every_item_seen_before_the_target(tmp_path, eval_batch_size):
     """A stub scores every item the user met before the target (in any behaviour, also before the
     max_len window) 10 and the target 5: with mask_seen every target ranks first, even one the user
-    met before; without it the seen items rank above it."""
-    tr = Trainer(ci_config(tmp_path, model="pop", max_len=3, mask_seen=True))
+    met before; without it the seen items rank above it. Batches of 7 rows: each evaluation batch
+    masks its own rows' seen items."""
+    tr = Trainer(ci_config(tmp_path, model="pop", max_len=3, mask_seen=True, eval_batch_size=eval_batch_size))
     test, df, n = tr.seq.split("test"), tr.ds.interactions, tr.ds.n_items
     seen = torch.zeros(len(test["users"]), n + 1)
     for r, (u, t) in enumerate(zip(test["users"].tolist(), test["target_times"][:, 0].tolist())):
@@ -207,6 +209,7 @@ def test_mask_seen_leaves_out_every_item_seen_before_the_target(tmp_path):
             return s.scatter_(1, b["targets"][:, :1], 5.0)
 
     tr.model = Stub()
+    assert len(test["users"]) > 7  # several batches of 7
     assert (seen[range(len(seen)), test["targets"][:, 0]] > 0).any()  # some targets were met before
     assert tr.ranks("test")[0].eq(1).all()
     tr.cfg.train.mask_seen = False
@@ -394,24 +397,6 @@ def test_sampled_ranks_rank_the_target_among_its_negatives(tmp_path):
     tr.model = _target_stub(tr.ds.n_items, -1.0)
     full, sampled = tr.ranks("test")
     assert full.eq(tr.ds.n_items).all() and sampled.eq(1 + n).all()
-
-
-def test_mask_seen_masks_each_rows_own_items_in_every_evaluation_batch(tmp_path):
-    """With eval batches smaller than the split, every batch masks its own rows' seen items (the
-    stub of the mask_seen test above: seen items 10, target 5 -> every target first)."""
-    tr = Trainer(ci_config(tmp_path, model="pop", max_len=3, mask_seen=True, eval_batch_size=7))
-    test, df = tr.seq.split("test"), tr.ds.interactions
-    seen = torch.zeros(len(test["users"]), tr.ds.n_items + 1)
-    for r, (u, t) in enumerate(zip(test["users"].tolist(), test["target_times"][:, 0].tolist())):
-        seen[r, df.item[(df.user == u) & (df.timestamp < t)].tolist()] = 10.0
-    row = {u: r for r, u in enumerate(test["users"].tolist())}
-
-    class Stub(torch.nn.Module):
-        def score(self, b):
-            return seen[[row[u] for u in b["users"].tolist()]].clone().scatter_(1, b["targets"][:, :1], 5.0)
-
-    tr.model = Stub()
-    assert len(test["users"]) > 7 and tr.ranks("test")[0].eq(1).all()
 
 
 def test_evaluation_builds_no_autograd_graph(tmp_path):
