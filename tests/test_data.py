@@ -440,3 +440,225 @@ def test_added_fields_leave_existing_run_hashes_alone():
     assert cfg.hash() == "05f0b47cdd00"
     assert make_config("default", {**run, "schedule": "cosine", "lambda_c": 0.1}).hash() == "4ac0faf3a0a8"
     assert make_config("default", {**run, "deep_noise": 0.1}).hash() != cfg.hash()
+
+
+# ----------------------------------------------------------------------------- gaps found by mutation testing
+
+def test_default_data_root_is_shared_datasets_beside_the_repo(tmp_path, monkeypatch):
+    """Catches a fallback data root resolved from the wrong parent of the package (<repo>/../shared/datasets)."""
+    monkeypatch.delenv("M3BSR_DATA", raising=False)
+    monkeypatch.setattr(sources, "__file__", str(tmp_path / "repo" / "lib" / "m3bsr" / "data" / "sources.py"))
+    (tmp_path / "shared" / "datasets").mkdir(parents=True)
+    assert resolve_data_root() == tmp_path / "shared" / "datasets"
+
+
+def test_missing_dataset_folder_is_named_as_a_folder(tmp_path):
+    """Catches a dropped dataset-folder check (the error would name a file inside a folder that is not there)."""
+    raises_at(lambda: load_ml(tmp_path / "ml-100k-mm"), "ml-100k-mm", None, "dataset folder 'ml-100k-mm' not found",
+              "data/README.md")
+
+
+def test_header_errors_name_the_header_line_after_blank_lines(tmp_path):
+    """Catches header errors reported on line 1 when blank lines come before the header."""
+    path = write(tmp_path / "log.csv", "\n\nuser_id,user_id,behavior,timestamp\nu1,a,buy,1\n")
+    raises_at(lambda: load_csv(path, deep="buy"), "log.csv", 3, "duplicated column")
+
+
+def test_an_extra_column_in_an_exact_header_is_refused(tmp_path):
+    """Catches a header check that accepts columns beyond the expected ones where the layout is exact."""
+    path = write(tmp_path / "log.csv", GOOD_CSV.replace("timestamp\n", "timestamp,extra\n", 1)
+                 .replace("\nu1,a,click,1\n", "\nu1,a,click,1,x\n"))
+    raises_at(lambda: load_csv(path, deep="buy"), "log.csv", 1, "does not match the expected columns")
+
+
+def test_deep_list_tolerates_a_trailing_comma_and_one_level_is_refused(tmp_path):
+    """Catches empty behaviour names kept from "buy," and a levels= spec of a single level accepted."""
+    path = write(tmp_path / "log.csv", GOOD_CSV)
+    assert level_counts(load_csv(path, deep="buy, ")) == {"shallow": 3, "deep": 1}
+    raises_at(lambda: load_csv(path, deep=None, levels="click,cart,buy"), "", None, "at least two")
+
+
+def test_a_single_behaviour_log_is_one_deep_level(tmp_path):
+    """Catches a single-behaviour log split into an empty shallow level (which raises 'matches no rows')."""
+    ds = load_csv(write(tmp_path / "log.csv", "user_id,item_id,behavior,timestamp\nu1,a,buy,1\nu1,b,buy,2\n"),
+                  deep="buy")
+    assert ds.levels == ["deep"] and level_counts(ds) == {"deep": 2}
+
+
+def test_time_ties_resolve_by_file_order_then_level(tmp_path):
+    """Catches time ties ordered by level before file order (the documented order is file order, then level)."""
+    path = write(tmp_path / "log.csv", "user_id,item_id,behavior,timestamp\nu1,b,buy,5\nu1,a,click,5\nu1,c,click,4\n")
+    ds = load_csv(path, deep=None, levels="click,buy|buy")
+    df = ds.interactions
+    assert [(ds.item_ids[i], lv) for i, lv in zip(df.item, df.level)] == [("c", 0), ("b", 0), ("b", 1), ("a", 0)]
+
+
+def test_csv_feature_rows_land_on_their_items(tmp_path):
+    """Catches feature rows or mask bits written one index off (row 0 is padding)."""
+    path = write(tmp_path / "log.csv", GOOD_CSV)
+    ds = load_csv(path, deep="buy", features={"image": (np.array(["c", "a"]), np.array([[3.0, 3.0], [1.0, 1.0]]))})
+    index = {raw: k for k, raw in enumerate(ds.item_ids) if k}
+    x, mask = ds.features["image"], ds.feature_mask["image"]
+    assert x[index["a"]].tolist() == [1.0, 1.0] and x[index["c"]].tolist() == [3.0, 3.0]
+    assert not x[0].any() and not x[index["b"]].any()
+    assert np.flatnonzero(mask).tolist() == sorted([index["a"], index["c"]])
+
+
+def test_movie_feature_caches_follow_posters_and_encoder_versions(tmp_path, monkeypatch):
+    """Catches feature cache keys that leave out the poster bytes or the encoder version (stale features reused)."""
+    calls = {"text": 0, "image": 0}
+
+    def fake_texts(docs):
+        calls["text"] += 1
+        return np.ones((len(docs), 2), np.float32)
+
+    def fake_images(paths):
+        calls["image"] += 1
+        return np.ones((len(paths), 3), np.float32)
+
+    monkeypatch.setattr(F, "encode_texts", fake_texts)
+    monkeypatch.setattr(F, "encode_images", fake_images)
+    folder = ml_folder(tmp_path)
+    (folder / "posters").mkdir()
+    for m in (10, 20):
+        write(folder / "posters" / f"{m}.jpg", f"poster {m}")
+    cfg = DataConfig(dataset="ml-100k-mm", data_root=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    ds = load_dataset(cfg)
+    assert calls == {"text": 1, "image": 1} and ds.feature_mask["image"].sum() == 2
+    load_dataset(cfg)
+    assert calls == {"text": 1, "image": 1}  # both cached
+    write(folder / "posters" / "20.jpg", "a new poster 20")
+    load_dataset(cfg)
+    assert calls == {"text": 1, "image": 2}  # a changed poster is encoded again
+    monkeypatch.setattr(F, "TEXT_ENCODER", F.TEXT_ENCODER + "-next")
+    load_dataset(cfg)
+    assert calls == {"text": 2, "image": 2}  # a new text encoder version is not served the old vectors
+
+
+def test_ml_100k_label_is_the_first_genre(tmp_path):
+    """Catches item labels taken from another genre than the first listed."""
+    genres = ",".join(sources.ML100K_GENRES)
+    two = lambda a, b: ",".join("1" if j in (a, b) else "0" for j in range(19))
+    items = f"movie_id,title,{genres},overview\n" + "".join(f"{m},M,{two(2, 7 + k)},p\n" for k, m in enumerate((10, 20, 30)))
+    ds = load_ml(ml_folder(tmp_path, items=items))
+    assert list(ds.item_labels[1:]) == ["Adventure"] * 3
+
+
+def test_validate_refuses_each_broken_invariant():
+    """Catches a dropped Dataset.validate check (item 0, level out of range, no deep event, bad feature rows)."""
+    import pandas as pd
+
+    from m3bsr.data.schema import finalize
+    raw = pd.DataFrame({"user": [1, 1, 2], "item": ["a", "b", "a"], "level": [0, 1, 1], "timestamp": [1, 2, 3],
+                        "order": [0, 1, 2]})
+
+    def fresh():
+        ds, _, _ = finalize("toy", raw, ["click", "favor"])
+        ds.features["image"] = np.ones((ds.n_items + 1, 2), np.float32)
+        ds.feature_mask["image"] = np.ones(ds.n_items + 1, bool)
+        return ds.validate()
+
+    breaks = {"item index outside": lambda ds: ds.interactions.loc.__setitem__((0, "item"), 0),
+              "level outside": lambda ds: ds.interactions.loc.__setitem__((0, "level"), 2),
+              "no event of the deep": lambda ds: ds.interactions.__setitem__("level", 0),
+              "features have shape": lambda ds: ds.features.__setitem__("image", np.ones((ds.n_items, 2))),
+              "NaN/inf": lambda ds: ds.features["image"].__setitem__((1, 1), np.inf),
+              "mask missing": lambda ds: ds.feature_mask.__setitem__("image", np.ones(ds.n_items, bool))}
+    for words, corrupt in breaks.items():
+        ds = fresh()
+        corrupt(ds)
+        with pytest.raises(DataError, match=words):
+            ds.validate()
+
+
+def test_fingerprint_covers_timestamps_level_names_and_masks():
+    """Catches a dataset fingerprint (negatives cache, checkpoints) blind to timestamps, level names or masks."""
+    cfg = make_config("ci", {"syn_users": 20}).data
+    base = make_synthetic(cfg).fingerprint()
+    for change in (lambda ds: ds.interactions.__setitem__("timestamp", ds.interactions["timestamp"] + 1),
+                   lambda ds: setattr(ds, "levels", ["view", "buy"]),
+                   lambda ds: ds.feature_mask["image"].__setitem__(1, False)):
+        ds = make_synthetic(cfg)
+        change(ds)
+        assert ds.fingerprint() != base
+
+
+def test_feature_cache_creates_nested_folders(tmp_path):
+    """Catches a cache folder created without its missing parents."""
+    out = F.cached("demo", ["k"], lambda: {"x": np.ones(2)}, tmp_path / "a" / "b")
+    assert out["x"].tolist() == [1.0, 1.0] and len(list((tmp_path / "a" / "b").glob("demo-*.npz"))) == 1
+
+
+def test_tfidf_svd_is_deterministic_and_too_few_documents_are_a_data_error():
+    """Catches an unseeded SVD, k beyond n - 1, and a rank-0 SVD escaping as a sklearn error."""
+    docs = ["red shirt", "blue shirt", "red dress", "blue jeans", "wool coat"]
+    a, b = F.tfidf_svd(docs, 64), F.tfidf_svd(docs, 64)
+    assert a.shape == (5, 4) and np.array_equal(a, b)  # k = min(dim, n - 1, vocabulary - 1)
+    with pytest.raises(DataError, match="too few"):
+        F.tfidf_svd(["red shirt"], 3)
+
+
+def test_load_image_keeps_rows_and_converts_greyscale(tmp_path):
+    """Catches an image transposed (rows become columns) and a greyscale poster not converted to RGB."""
+    from PIL import Image
+    im = Image.new("RGB", (40, 40), (0, 0, 0))
+    im.paste((255, 255, 255), (0, 0, 40, 20))  # top half white
+    im.save(tmp_path / "1.png")
+    x = F.load_image(tmp_path / "1.png")
+    assert x[:, 0, :].mean() > x[:, -1, :].mean() + 1.0  # row 0 (top) is the white one
+    Image.new("L", (30, 30), 128).save(tmp_path / "2.png")
+    assert F.load_image(tmp_path / "2.png").shape == (3, F.IMAGE_SIZE, F.IMAGE_SIZE)
+
+
+def test_synthetic_generator_honours_its_settings():
+    """Catches syn_feature_noise ignored, a user's second cluster equal to its first, fewer than MIN_CLICKS clicks,
+    and syn_clusters == syn_items refused."""
+    from m3bsr.data import synthetic as Y
+    clean = make_synthetic(make_config("ci", {"syn_feature_noise": 0.0}).data)
+    for m in ("image", "text"):
+        assert np.allclose(clean.features[m], clean.truth[f"clean_{m}"])
+    uc = clean.truth["user_clusters"]
+    assert (uc[:, 1] >= 0).any() and (uc[:, 1] != uc[:, 0]).all()
+    few = make_synthetic(make_config("ci", {"syn_users": 30, "syn_events": 0}).data)
+    clicks = few.interactions[few.interactions.level == 0].groupby("user").size()
+    assert few.n_users == 30 and (clicks == Y.MIN_CLICKS).all()
+    one_each = make_synthetic(make_config("ci", {"syn_users": 30, "syn_items": 20, "syn_clusters": 20}).data)
+    assert len(set(one_each.truth["item_cluster"][1:])) == one_each.n_items  # one item per cluster
+
+
+def test_deep_keep_restores_the_latest_events_down_to_min_deep():
+    """Catches load_dataset ignoring min_deep and removal restoring more (or other) deep events than it must."""
+    min_deep = 5
+    clean = _synthetic(min_deep=min_deep)
+    sparse = _synthetic(min_deep=min_deep, deep_keep=1e-9)  # every perturbable deep event is drawn for removal
+    deep = lambda ds: ds.interactions[ds.interactions.level == 1]
+    for u, rows in deep(clean).groupby("user"):
+        kept = deep(sparse)[deep(sparse).user == u]
+        expected = rows.iloc[-min_deep:] if len(rows) >= min_deep else rows.iloc[:0]
+        assert kept[["item", "timestamp"]].values.tolist() == expected[["item", "timestamp"]].values.tolist(), u
+
+
+def test_deep_noise_draws_from_the_whole_catalogue():
+    """Catches replacement items drawn from 1..n_items-1 (the last item never drawn)."""
+    kw = {"syn_items": 20, "syn_clusters": 4}
+    clean, noisy = _synthetic(**kw), _synthetic(deep_noise=1.0, **kw)
+    changed = (clean.interactions.level == 1) & (clean.interactions.item != noisy.interactions.item)
+    assert set(noisy.interactions.item[changed]) == set(range(1, noisy.n_items + 1))
+
+
+@pytest.mark.parametrize("key, value", [("T", "none"), ("cdbd", "maybe"), ("epochs", "1.5")])
+def test_config_strings_must_parse_to_the_field_type(key, value):
+    """Catches "none" accepted for a non-optional field, an unparsable bool kept as a string, a float truncated to int."""
+    with pytest.raises(ConfigError, match=key):
+        make_config("ci").set(key, value)
+
+
+def test_config_from_dict_refuses_a_field_in_the_wrong_section_and_unknown_profiles():
+    """Catches from_dict accepting data.lr (set finds lr in train) and make_config raising KeyError on a bad profile."""
+    from m3bsr.config import Config
+    d = make_config("ci").to_dict()
+    d["data"]["lr"] = 0.5
+    with pytest.raises(ConfigError, match="data.lr"):
+        Config.from_dict(d)
+    with pytest.raises(ConfigError, match="unknown profile"):
+        make_config("fast")

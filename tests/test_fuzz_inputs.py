@@ -333,3 +333,36 @@ def test_truncated_poster_is_a_data_error(tmp_path):
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+# ---- gaps found by mutation testing: what loads must also be right
+
+def test_ml_latest_labels_first_genre_of_the_first_row_else_unknown(tmp_path):
+    """Catches "(no genres listed)" used as a label and a duplicated movie row overriding the first one."""
+    ds = build(tmp_path, Case("labels", "ml-latest-small-mm", {"movies.csv": MOVIES + "10,A again,Horror\n"}))()
+    assert list(ds.item_labels[1:]) == ["Comedy", "Action", "unknown"]
+
+
+def test_taobao_label_is_the_category_of_the_items_first_row(tmp_path):
+    """Catches item categories taken from a later row of the same item."""
+    ds = build(tmp_path, Case("labels", "taobao-ub", {"UserBehavior_sample.csv": TAOBAO + "3,10,9,pv,104\n"}))()
+    assert ds.item_labels.tolist() == [-1, 5, 5, 6]
+
+
+def test_tmall_labels_are_categories_and_untitled_items_have_no_text(tmp_path):
+    """Catches labels read from another column and an empty title encoded as a document (mask True)."""
+    product = TMALL_PRODUCT.replace("\n2,\u8fde\u8863\u88d9 \u590f,", "\n2,,")
+    ds = build(tmp_path, Case("text", "rec-tmall", {sources.TMALL_PRODUCT: product}, features=True))()
+    ids = list(ds.item_ids[1:])
+    assert dict(zip(ids, ds.item_labels[1:])) == {"i1": "c1", "i2": "c2", "i3": "c1", "i4": "c3"}
+    mask = dict(zip(ids, ds.feature_mask["text"][1:]))
+    assert mask == {"i1": True, "i2": False, "i3": True, "i4": True} and not ds.features["text"][1 + ids.index("i2")].any()
+
+
+def test_tmall_text_cache_key_holds_the_encoder_version(tmp_path, monkeypatch):
+    """Catches a TF-IDF cache key without the encoder version (old vectors served after an encoder change)."""
+    load = build(tmp_path, Case("text", "rec-tmall", {}, features=True))
+    load()
+    monkeypatch.setattr(F, "TFIDF_ENCODER", F.TFIDF_ENCODER + "-next")
+    load()
+    assert len(list((tmp_path / "cache").glob("rec-tmall-text-*.npz"))) == 2

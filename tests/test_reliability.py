@@ -210,3 +210,20 @@ def test_same_command_twice_gives_identical_metrics(tmp_path, model, capsys):
     second = json.loads(capsys.readouterr().out)
     saved = json.loads((a / "metrics.json").read_text())
     assert first == second == {"valid": saved["valid"], "test": saved["test"]}
+
+
+def test_atomic_write_temporaries_are_named_for_remove_stale_temporaries(tmp_path, monkeypatch):
+    """Catches a temporary name that remove_stale_temporaries would not recognise (a killed writer's file stays)."""
+    import m3bsr.files as files_mod
+    seen, real = [], files_mod.os.replace
+    monkeypatch.setattr(files_mod.os, "replace", lambda src, dst: (seen.append(Path(src).name), real(src, dst)))
+    files_mod.atomic_write_bytes(tmp_path / "last.pt", b"x")
+    assert seen == [f".last.pt.tmp{os.getpid()}"] and (tmp_path / "last.pt").read_bytes() == b"x"
+    (tmp_path / seen[0]).write_bytes(b"half")  # as a kill between write and rename would leave it
+    assert [p.name for p in remove_stale_temporaries(tmp_path)] == seen
+
+
+def test_remove_stale_temporaries_leaves_folders_alone(tmp_path):
+    """Catches a folder named like a temporary being unlinked (IsADirectoryError at run start)."""
+    (tmp_path / ".cache.tmp1").mkdir()
+    assert remove_stale_temporaries(tmp_path) == [] and (tmp_path / ".cache.tmp1").is_dir()
