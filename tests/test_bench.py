@@ -109,3 +109,186 @@ def test_naive_reference_equals_the_fast_model(kw, levels):
     naive.train()
     naive.loss(batch)["loss"].backward()
     assert naive.cdmd is None or naive.cdmd["image"].predictor.kv.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# The derived numbers, from scripted timings (no timing is measured: the clock, the profiler and the
+# measuring helpers are replaced by fixed values, so every ratio is known exactly)
+# ---------------------------------------------------------------------------------------------
+
+def _run(tmp_path, **size):
+    from m3bsr.bench import Size, _Run
+    sz = Size(dataset="synthetic", profile="ci", batch=6, repeats=1, warmup=0, epochs=0, naive_positions=2,
+              equal_rows=2, sweep_batch=2, **size)
+    return _Run(sz, torch.device("cpu"), 1, False, False, 0, lambda *_: None, tmp_path,
+                header={"size": "small", "device": "test-cpu"})
+
+
+def _rows(r):
+    return {row.measurement: row for row in r.rows}
+
+
+@pytest.fixture
+def no_release(monkeypatch):
+    """release_memory's gc.collect takes ~0.5 s a call in a process holding torch; nothing here needs it."""
+    from m3bsr import bench
+    monkeypatch.setattr(bench, "release_memory", lambda device: None)
+
+
+def test_met_decides_on_the_bound_itself_and_the_writers_keep_target_and_met_apart(tmp_path):
+    """Catches '<=' and '>=' targets failed at the bound, '<' met at the bound, a missing ratio compared
+    anyway, and the target and met columns swapped in the CSV and markdown."""
+    from m3bsr.bench import Row, write_results
+    rows = [Row("a", 1.0, "s", 0.1, ">= 0.1"), Row("b", 2.0, "s", 0.02, "<= 0.02"), Row("c", 3.0, "s", 10.0, "< 10"),
+            Row("d", 4.0, "s", None, ">= 3"), Row("e", 5.0, "x", 2.0)]
+    assert [r.met for r in rows] == ["yes", "yes", "no", "", ""]
+    csv_path, md_path = write_results(rows, {"size": "small", "device": "test-cpu"}, tmp_path, "b")
+    got = list(csv.DictReader(line for line in csv_path.read_text().splitlines() if not line.startswith("#")))
+    assert [(g["target"], g["met"], g["ratio"]) for g in got] == [(">= 0.1", "yes", "0.1"), ("<= 0.02", "yes", "0.02"),
+                                                                  ("< 10", "no", "10"), (">= 3", "", ""), ("", "", "2")]
+    assert "| a | 1 | s | 0.1 | >= 0.1 | yes | test-cpu |  |" in md_path.read_text().splitlines()
+
+
+def test_median_times_are_medians_and_matmul_flops_count_two_per_multiply_add(monkeypatch):
+    """Catches the mean taken for the median (one slow repeat moves it) and n^3 counted for an n x n matmul."""
+    import time
+
+    from m3bsr import bench
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    durations = {"a": iter([100.0, 1.0, 2.0, 10.0]), "b": iter([100.0, 5.0, 5.0, 5.0])}  # a warm-up, then 3 repeats
+
+    def fn(name):
+        return lambda: clock.__setitem__(0, clock[0] + next(durations[name]))
+    assert bench.median_times({k: fn(k) for k in durations}, torch.device("cpu"), repeats=3, warmup=1) == {"a": 2.0, "b": 5.0}
+    monkeypatch.setattr(bench, "median_times", lambda fns, *a, **kw: {"mm": 0.5})
+    assert bench.matmul_flops(torch.device("cpu"), torch.float32, n=8) == 2 * 8 ** 3 / 0.5
+
+
+def test_time_shares_sum_each_operators_own_time(monkeypatch):
+    """Catches an operator's inclusive time counted (aten::linear's includes its aten::addmm): shares of self time."""
+    import torch.profiler
+
+    from m3bsr.bench import time_shares
+
+    class Event:
+        def __init__(self, key, own, inclusive):
+            self.key, self.self_cpu_time_total, self.cpu_time_total = key, own, inclusive
+
+    class Profile:
+        def __init__(self, *a, **kw):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return [Event("aten::linear", 1.0, 101.0), Event("aten::addmm", 100.0, 100.0),
+                    Event("aten::bernoulli_", 20.0, 20.0), Event("aten::add", 79.0, 79.0)]
+
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    shares, _ = time_shares(lambda: None)
+    assert shares == pytest.approx({"matmul": 0.5, "random": 0.1, "other": 0.4})
+
+
+def test_memory_and_side_by_side_ratios(tmp_path, monkeypatch, no_release):
+    """Catches the peak-memory ratio inverted, the side-by-side ratio inverted, and the kept-memory ratio
+    taken as default / kept the wrong way round."""
+    from m3bsr import bench, experiments
+    from m3bsr.config import make_config
+    cfg, info = make_config("ci"), random_info(20, {"image": 4})
+    batch = random_batch(4, 5, 20, seed=1)
+    n = int((batch["targets"] > 0).sum())
+    r = _run(tmp_path)
+    monkeypatch.setattr(bench, "peak_memory", lambda c, *a: {"sasrec": 100.0, "m3bsr": 250.0}[c.model.model])
+    bench._memory(r, cfg, info, batch)
+    assert _rows(r)["peak_memory_m3bsr"].ratio == 2.5
+
+    monkeypatch.setattr(experiments, "runs_that_fit", lambda cores: 3)  # k = 3 processes
+    monkeypatch.setattr(bench, "side_by_side_step_times", lambda c, i, b, processes, threads, *a, keep=True:
+                        [(0.5, 0.0)] if processes == 1 else [(1.0, 0.0), (1.0, 0.0), (2.0, 0.0)])
+    bench._side_by_side(r, cfg, info, batch, "")
+    one, side = _rows(r)["train_throughput_m3bsr_1x3"], _rows(r)["train_throughput_m3bsr_3x1"]
+    assert one.value == n / 0.5 and side.value == pytest.approx(n / 1 + n / 1 + n / 2)
+    assert side.ratio == pytest.approx(side.value / one.value)  # 1.25: three one-thread runs over one 3-thread run
+
+    monkeypatch.setattr(bench, "side_by_side_step_times", lambda *a, keep=True: [(1.0, 10.0)] if keep else [(3.0, 40.0)])
+    bench._kept_memory(r, cfg, info, batch)
+    kept = _rows(r)["host_memory_kept_m3bsr"]
+    assert kept.value == n / 1.0 and kept.ratio == 3.0 and "10 kept, 40 default" in kept.note  # 3x the default's
+
+
+def test_throughput_rows_are_ratios_of_the_scripted_step_times(tmp_path, monkeypatch, no_release):
+    """Catches M3BSR / SASRec inverted and the per-target naive reference's throughput counted over the whole
+    batch's targets instead of the positions it timed."""
+    from m3bsr import bench
+    m = ModelConfig(model="m3bsr", d=16, layers=1, heads=2, T=2)
+    info, batch = random_info(40, {"image": 12, "text": 8}), random_batch(6, 9, 40, seed=1)
+    n = int((batch["targets"] > 0).sum())
+    per = int((batch["targets"][:, [0, 8]] > 0).sum())  # naive_positions=2: the first and last of 9
+    assert per < n
+    secs = {"sasrec": 1.0, "m3bsr": 2.0, "naive_loops": 8.0, "naive": 4.0}
+    monkeypatch.setattr(bench, "naive_max_abs_diff", lambda *a: (0.0, 0.0))
+    monkeypatch.setattr(bench, "median_times", lambda fns, *a: {k: secs[k] for k in fns})
+    monkeypatch.setattr(bench, "time_shares", lambda step: ({"matmul": 0.5, "random": 0.1, "other": 0.4}, 1.0))
+    monkeypatch.setattr(bench, "matmul_flops", lambda *a: 1e10)
+    monkeypatch.setattr(bench, "step_flops", lambda model, *a: 6e9 if isinstance(model, M3BSR) else 2e9)
+    r = _run(tmp_path)
+    bench._throughput(r, m, info, batch, "")
+    rows = _rows(r)
+    assert rows["train_throughput_m3bsr"].value == n / 2 and rows["train_throughput_m3bsr"].ratio == 0.5
+    assert rows["train_throughput_naive_loops"].ratio == 4.0
+    assert rows["train_throughput_naive"].value == per / 4 and rows["train_throughput_naive"].ratio == pytest.approx((n / 2) / (per / 4))
+    assert rows["m3bsr_step_flops"].ratio == 3.0 and rows["m3bsr_achieved_flops"].ratio == pytest.approx(0.3)
+    assert rows["m3bsr_time_matmul"].value == 1.0 and rows["m3bsr_time_other"].ratio == 0.4
+
+
+def test_evaluation_rows_compare_each_step_count_with_T(tmp_path, monkeypatch):
+    """Catches T/3 rounded down (ci: T=5 -> 2 steps, not 1), the speed-up and FLOP ratios inverted, and the
+    relative NDCG loss divided by the fewer-step NDCG instead of T's."""
+    from m3bsr import bench
+    from m3bsr.config import make_config
+    cfg = make_config("ci", {"dataset": "synthetic", "model": "m3bsr", "sampled_negatives": 0, "progress": False,
+                             "cache_dir": str(tmp_path / "cache")})
+    ndcg, hr, called = {5: 0.2, 2: 0.199, 1: 0.1}, {5: 0.3, 2: 0.3, 1: 0.2}, []
+
+    def fake_evaluate(model, split, device, **kw):
+        called.append(model.cfg.inference_steps)
+        return {"NDCG@10": ndcg[called[-1]], "HR@10": hr[called[-1]]}
+
+    def fake_times(fns, *a):
+        for fn in fns.values():
+            fn()
+        return {"T": 6.0, "T/3": 2.0, "1": 1.0}
+
+    def fake_flops(fn):
+        fn()
+        return 10e9 * called[-1]
+
+    monkeypatch.setattr(bench, "evaluate", fake_evaluate)
+    monkeypatch.setattr(bench, "median_times", fake_times)
+    monkeypatch.setattr(bench, "counted_flops", fake_flops)
+    r = _run(tmp_path)
+    bench._evaluation(r, cfg, None, None)
+    rows = _rows(r)
+    assert [rows[f"eval_seconds_{s}"].ratio for s in ("T", "T/3", "1")] == [6.0, 3.0, 6.0]
+    assert rows["eval_seconds_T/3"].met == "yes" and "inference_steps=2" in rows["eval_seconds_T/3"].note
+    assert [rows[f"eval_flops_{s}"].ratio for s in ("T", "T/3", "1")] == [1.0, 2.5, 5.0]
+    assert rows["eval_ndcg10_T"].ratio is None and rows["eval_ndcg10_T/3"].value == 0.199
+    assert rows["eval_ndcg10_T/3"].ratio == pytest.approx(0.005) and rows["eval_ndcg10_1"].ratio == pytest.approx(0.5)
+
+
+def test_sweep_ratios_are_against_the_first_setting_of_their_own_sweep(tmp_path, monkeypatch, no_release):
+    """Catches the catalogue sweep's ratios taken against the length sweep's first time."""
+    from m3bsr import bench
+    times = iter([1.0, 2.0, 3.0, 6.0])
+    monkeypatch.setattr(bench, "median_times", lambda fns, *a: {"step": next(times)})
+    r = _run(tmp_path, lengths=(4, 8), catalogues=(("a", 10), ("b", 20)), feature_dims={"image": 4},
+             sweep_overrides=dict(d=8, layers=1, heads=2, T=2))
+    bench._sweeps(r, ModelConfig(model="m3bsr", d=16, layers=1, heads=2, T=2), 4)
+    rows = _rows(r)
+    assert [rows[k].ratio for k in ("step_time_L=4", "step_time_L=8", "step_time_items=10", "step_time_items=20")] == [1, 2, 1, 2]
+    assert rows["step_time_items=20"].value == 6000.0  # ms

@@ -130,3 +130,14 @@ def test_a_rank_without_rows_still_steps_with_weight_zero():
     split = {"users": torch.arange(3), "targets": torch.ones(3, 1, dtype=torch.long)}
     last = [list(shard_batches(split, 2, torch.Generator().manual_seed(0), r, 2))[-1] for r in range(2)]
     assert [len(idx) for idx, _ in last] == [1, 1] and [w for _, w in last] == [2.0, 0.0]
+
+
+def test_each_epoch_visits_every_row_once_in_a_seeded_shuffled_order():
+    """Catches the training rows taken in file order (no shuffle): the order is randperm of the generator."""
+    split = {"users": torch.arange(40), "targets": torch.ones(40, 1, dtype=torch.long)}
+    gen = torch.Generator().manual_seed(3)
+    epochs = [torch.cat([idx for idx, _ in shard_batches(split, 8, gen)]) for _ in range(2)]
+    for order in epochs:
+        assert sorted(order.tolist()) == list(range(40)) and not torch.equal(order, torch.arange(40))
+    assert not torch.equal(epochs[0], epochs[1])  # a new order every epoch
+    assert torch.equal(epochs[0], torch.randperm(40, generator=torch.Generator().manual_seed(3)))

@@ -144,3 +144,99 @@ def test_default_jobs_one_per_core_as_memory_allows(monkeypatch):
     assert experiments.default_jobs("cpu") == 2
     pages["SC_PHYS_PAGES"] *= 8
     assert experiments.default_jobs("cpu") == 8  # the cores
+
+
+def _results():
+    """Two datasets' results, by hand: on d1 'a' wins validation (0.9 vs 0.75) and 'b' test (0.35 vs 0.3,
+    though 'a' has the best single seed, 0.5); d2 has one seed per model."""
+    import pandas as pd
+    rows = [("d1", "a", 0, "test", 0.1), ("d1", "a", 1, "test", 0.5), ("d1", "b", 0, "test", 0.35),
+            ("d1", "b", 1, "test", 0.35), ("d1", "a", 0, "valid", 0.9), ("d1", "a", 1, "valid", 0.9),
+            ("d1", "b", 0, "valid", 0.5), ("d1", "b", 1, "valid", 1.0),
+            ("d2", "a", 0, "test", 0.01), ("d2", "b", 0, "test", 0.02), ("d2", "a", 0, "valid", 0.5),
+            ("d2", "b", 0, "valid", 0.5)]
+    return pd.DataFrame(rows, columns=["dataset", "model", "seed", "split", "NDCG@10"])
+
+
+def test_summary_is_the_test_mean_and_sample_std_over_seeds():
+    """Catches the population std (ddof=0), NaN for a single seed, validation rows averaged in, and the
+    mean and std swapped."""
+    s = experiments.summarize(_results(), metrics=("NDCG@10",))
+    assert s["NDCG@10"].tolist() == ["0.3000 ± 0.2828", "0.3500 ± 0.0000", "0.0100 ± 0.0000", "0.0200 ± 0.0000"]
+
+
+def test_markdown_table_bolds_the_best_test_mean_of_each_dataset():
+    """Catches the best chosen by the best seed, across all datasets at once, or over validation and test together."""
+    res = _results()
+    lines = experiments.markdown_table(experiments.summarize(res, metrics=("NDCG@10",)), res).splitlines()
+    assert lines[:2] == ["| dataset | model | NDCG@10 |", "|---|---|---|"]
+    assert lines[2:] == ["| d1 | a | 0.3000 ± 0.2828 |", "| d1 | b | **0.3500 ± 0.0000** |",
+                         "| d2 | a | 0.0100 ± 0.0000 |", "| d2 | b | **0.0200 ± 0.0000** |"]
+
+
+def test_best_baseline_is_the_best_validation_mean_not_the_best_seed():
+    """Catches the opponent picked by its best single validation seed (b's 1.0) instead of its mean."""
+    assert experiments.best_baseline(_results(), "d1", model="none") == "a"
+
+
+def test_paired_test_formulas_on_known_ranks(monkeypatch):
+    """Catches an unpaired t-test, zero differences split instead of dropped, 'no difference' declared when
+    some pairs tie, and k ignored: the p-values against the formulas, on ten users' fixed ranks."""
+    import numpy as np
+    from scipy import stats
+
+    from m3bsr.metrics import ndcg_per_row
+    rank = {"a": torch.tensor([1, 2, 3, 7, 20, 1, 4, 100, 2, 9]), "b": torch.tensor([2, 2, 5, 1, 20, 3, 1, 50, 1, 3])}
+
+    class Stub:
+        def __init__(self, model):
+            self.model, self.ds = model, None
+
+        def ranks(self, split):
+            return rank[self.model], None
+
+    monkeypatch.setattr(experiments, "trained", lambda dataset, model, *a, **kw: Stub(model))
+    out = experiments.paired_test("d", "a", "b", [0], "ci", "runs")
+    a, b = (ndcg_per_row(rank[m], 10).numpy() for m in ("a", "b"))
+    d = a - b  # three users tie (d = 0)
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+    assert out["pairs"] == 10 and out["mean difference"] == pytest.approx(d.mean())
+    assert out["paired t p"] == pytest.approx(2 * stats.t.sf(abs(t), len(d) - 1), rel=1e-9)
+    assert out["Wilcoxon p"] == pytest.approx(stats.wilcoxon(d[d != 0]).pvalue, rel=1e-9)  # zeros dropped
+    at5 = experiments.paired_test("d", "a", "b", [0], "ci", "runs", k=5)
+    assert at5["a NDCG@5"] == pytest.approx(ndcg_per_row(rank["a"], 5).mean().item())  # rank 7 and 9: 0 at k=5
+
+
+def _finished_run(cfg, runs, seconds):
+    """A run folder as a finished run leaves it: metrics.json and a history of per-epoch seconds."""
+    import json
+    run = run_dir(cfg, runs)
+    run.mkdir(parents=True, exist_ok=True)
+    metrics = {"NDCG@10": 0.1, "HR@10": 0.2}
+    (run / "metrics.json").write_text(json.dumps({"valid": metrics, "test": metrics, "best_epoch": len(seconds)}))
+    (run / "history.csv").write_text("epoch,loss,seconds\n" + "".join(f"{i},1.0,{s}\n" for i, s in enumerate(seconds, 1)))
+
+
+def test_train_seconds_are_the_sum_of_the_epochs_for_every_row_of_the_grid(tmp_path):
+    """Catches train_seconds averaged over the epochs, and a grid listing a run twice (seed 0 twice) losing
+    rows when its run costs are listed once per distinct run."""
+    cfg = experiments.grid_configs(["synthetic"], ["sasrec"], [0], "ci", OVER)[0]
+    _finished_run(cfg, tmp_path, [1.5, 2.5])
+    cost = experiments.run_costs([cfg], tmp_path)
+    assert cost["epochs"].tolist() == [2] and cost["train_seconds"].tolist() == [4.0]
+    res = experiments.run_grid(["synthetic"], ["sasrec"], [0, 0], "ci", tmp_path, OVER, log=lambda *_: None)
+    assert len(res) == 4 and res["train_seconds"].tolist() == [4.0] * 4 and res["best_epoch"].tolist() == [2] * 4
+
+
+def test_popularity_buckets_on_known_counts():
+    """Catches buckets numbered from 0 (the table's first bucket is 1, the rarest targets): six rows whose
+    targets were trained on 5, 1, 3, 9, 2 and 7 times, in three buckets of two."""
+    import math
+    from types import SimpleNamespace
+    stub = SimpleNamespace(info=SimpleNamespace(item_counts=torch.tensor([0.0, 5, 1, 3, 9, 2, 7])),
+                           seq=SimpleNamespace(split=lambda s: {"targets": torch.arange(1, 7)[:, None]}),
+                           ranks=lambda split: (torch.tensor([1, 20, 3, 11, 2, 5]), None))
+    b = experiments.by_target_popularity(stub, buckets=3)
+    assert b["bucket"].tolist() == [1, 2, 3] and b["training targets"].tolist() == ["1-2", "3-5", "7-9"]
+    assert b["rows"].tolist() == [2, 2, 2] and b["HR@10"].tolist() == [0.5, 1.0, 0.5]  # ranks (20, 2), (3, 1), (5, 11)
+    assert b["NDCG@10"].tolist() == pytest.approx([1 / math.log2(3) / 2, (1 / 2 + 1) / 2, 1 / math.log2(6) / 2])

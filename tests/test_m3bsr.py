@@ -506,3 +506,79 @@ def test_contrastive_loss_is_the_mean_over_real_targets():
     torch.manual_seed(0)
     _, aux, z = model.forward_all(batch)
     assert torch.allclose(aux["contrast"], contrastive_apart(z, model.cfg.tau)[has].mean(), atol=1e-5)
+
+
+def test_total_loss_weights_each_auxiliary_term_by_its_own_lambda():
+    """Catches an auxiliary term weighted by another term's lambda, or added unweighted."""
+    model = make(lambda_c=0.3, lambda_m=0.5, lambda_b=0.7)
+    out = model.loss(tiny_batch())
+    assert {"contrast", "modality", "behavior"} <= out.keys()
+    expected = out["ce"] + 0.3 * out["contrast"] + 0.5 * out["modality"] + 0.7 * out["behavior"]
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# layers.py
+# --------------------------------------------------------------------------------------------
+
+def _heads_by_hand(att, x, c, mask):
+    """Multi-head attention written out: head i uses dims i*dh..(i+1)*dh of q, k, v; scores / sqrt(dh)."""
+    d = x.shape[-1]
+    dh = d // att.h
+    q, (k, v) = att.q(x), att.kv(c).chunk(2, -1)
+    ys, ws = [], []
+    for i in range(att.h):
+        s = slice(i * dh, (i + 1) * dh)
+        w = (q[..., s] @ k[..., s].transpose(-1, -2) / math.sqrt(dh)).masked_fill(~mask, float("-inf")).softmax(-1)
+        ys.append(w @ v[..., s])
+        ws.append(w)
+    return att.proj(torch.cat(ys, -1)), torch.stack(ws, 1)
+
+
+def test_attention_matches_multi_head_attention_written_out():
+    """Catches the heads split across the wrong axis and the explicit (attention-map) path scaled by
+    sqrt(d) instead of sqrt(d_head): both paths against the per-head formula, with a mask."""
+    from m3bsr.models.layers import Attention
+    torch.manual_seed(0)
+    att = Attention(8, 2, 0.0).eval()
+    x, c = torch.randn(2, 3, 8), torch.randn(2, 4, 8)
+    mask = torch.tensor([[True, False, True, False], [True, True, False, False], [True, True, True, True]]).expand(2, 3, 4)
+    y_ref, w_ref = _heads_by_hand(att, x, c, mask)
+    y_fused = att(x, c, mask)
+    y, w = att(x, c, mask, return_weights=True)
+    assert torch.allclose(y_fused, y_ref, atol=1e-5) and torch.allclose(y, y_ref, atol=1e-5)
+    assert torch.allclose(w, w_ref, atol=1e-6)
+
+
+def test_block_is_pre_ln_with_residuals_around_attention_and_feed_forward():
+    """Catches the residual taken from the normalised input, the feed-forward net applied without its
+    LayerNorm, and self-attention keys read from the raw instead of the normalised input."""
+    from m3bsr.models.layers import Block, causal_mask
+    torch.manual_seed(0)
+    blk = Block(8, 2, 0.0).eval()
+    with torch.no_grad():  # LayerNorms that are not the identity, so that a missing one shows
+        for ln in (blk.ln1, blk.ln2):
+            ln.weight.uniform_(0.5, 1.5), ln.bias.uniform_(-0.5, 0.5)
+    x = 3 * torch.randn(2, 5, 8) + 1
+    mask = causal_mask(5)
+    h = blk.ln1(x)
+    y = x + blk.att(h, h, mask)
+    assert torch.allclose(blk(x, mask), y + blk.ff(blk.ln2(y)), atol=1e-5)
+
+
+def test_transformer_rows_equal_the_gathered_full_output():
+    """Catches the query rows picked at the first of two blocks instead of the last."""
+    from m3bsr.models.layers import Transformer, causal_mask, gather_positions
+    torch.manual_seed(0)
+    tf = Transformer(8, 2, 2, 0.0).eval()
+    x, rows = torch.randn(2, 5, 8), torch.tensor([[4, 1], [2, 2]])
+    full = tf(x, causal_mask(5))
+    assert torch.allclose(tf(x, causal_mask(5), rows=rows), gather_positions(full, rows), atol=1e-5)
+
+
+def test_sinusoidal_embedding_values():
+    """Catches the frequencies spaced over d instead of d/2 and the cosine half replaced by sines."""
+    from m3bsr.models.layers import sinusoidal
+    e = sinusoidal(torch.tensor([0, 3]), 4)  # frequencies 10000^(-i/2), i = 0, 1: 1 and 0.01
+    expected = torch.tensor([[0.0, 0.0, 1.0, 1.0], [math.sin(3), math.sin(0.03), math.cos(3), math.cos(0.03)]])
+    assert torch.allclose(e, expected, atol=1e-6)

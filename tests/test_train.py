@@ -443,3 +443,158 @@ def test_a_run_resumed_after_its_best_epoch_ends_with_the_best_weights(tmp_path,
     assert res["best_epoch"] == 1 and tr.epoch == 4
     best = load_checkpoint(tmp_path / "run" / "best.pt")["model"]
     assert all(torch.equal(v, best[k]) for k, v in tr.model.state_dict().items()), "test read from best.pt's weights"
+
+
+def test_cli_data_root_and_set_values_holding_an_equals_sign(tmp_path, capsys):
+    """Catches --data-root dropped on the way to the config and --set values cut at a second '='."""
+    folder = tmp_path / "root" / "taobao-userbehavior-sample"
+    folder.mkdir(parents=True)
+    (folder / "UserBehavior_sample.csv").write_text("1,10,5,pv,100\n1,11,5,buy,101\n2,10,5,pv,102\n")
+    assert main(["stats", "--dataset", "taobao-ub", "--data-root", str(tmp_path / "root")]) == 0
+    assert json.loads(capsys.readouterr().out)["users"] == 2
+    csv = tmp_path / "a=b.csv"
+    csv.write_text("user_id,item_id,behavior,timestamp\nu1,i1,view,1\nu1,i2,buy,2\n")
+    assert main(["stats", "--dataset", "csv", "--deep", "buy", "--set", f"data_file={csv}"]) == 0
+    assert json.loads(capsys.readouterr().out)["#deep"] == 1
+
+
+def test_cli_evaluate_refuses_a_run_given_twice(tmp_path):
+    """Catches evaluate accepting both RUN and --run (and silently using one of them)."""
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(tmp_path / "a"), "--run", str(tmp_path / "b")])
+
+
+def test_the_seed_sets_the_initial_weights_and_the_data_order(tmp_path):
+    """Catches the weights initialised, or the training rows shuffled, the same whatever the seed."""
+    a, b, again = (Trainer(ci_config(tmp_path, seed=s)) for s in (0, 1, 0))
+
+    def weights(tr):
+        return list(tr.model.state_dict().values())
+
+    def first_batch(tr):
+        return next(train.shard_batches(tr.seq.train, 8, tr.gen))[0]
+    assert all(torch.equal(x, y) for x, y in zip(weights(a), weights(again)))
+    assert not all(torch.equal(x, y) for x, y in zip(weights(a), weights(b)))
+    order_a, order_again, order_b = (first_batch(tr) for tr in (a, again, b))
+    assert torch.equal(order_a, order_again) and not torch.equal(order_a, order_b)
+
+
+def test_the_optimiser_takes_the_configured_lr_and_weight_decay(tmp_path):
+    """Catches Adam built with a fixed learning rate or without the weight decay of the config."""
+    group = Trainer(ci_config(tmp_path, lr=0.004, weight_decay=0.01)).opt.param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (0.004, 0.01)
+
+
+def test_epoch_losses_are_the_means_over_the_epochs_steps(tmp_path):
+    """Catches the history's loss terms reported as sums over the steps instead of means."""
+    tr = Trainer(ci_config(tmp_path))
+    steps, real = [], tr.model.loss
+
+    def recording(batch):
+        out = real(batch)
+        steps.append({k: v.item() for k, v in out.items()})
+        return out
+    tr.model.loss = recording
+    means = tr.train_epoch()
+    assert len(steps) > 1 and means.keys() == steps[0].keys()
+    for k in means:
+        assert means[k] == pytest.approx(sum(s[k] for s in steps) / len(steps), rel=1e-5)
+
+
+def test_bf16_trains_under_autocast(tmp_path):
+    """Catches the bf16 setting ignored by the training step (it ran in float32)."""
+    tr = Trainer(ci_config(tmp_path, bf16=True, max_steps=1))
+    seen, real = [], tr.model.loss
+    tr.model.loss = lambda batch: seen.append(torch.is_autocast_enabled("cpu")) or real(batch)
+    tr.train_epoch()
+    assert seen == [True]
+
+
+def test_max_steps_stops_after_exactly_that_many_steps(tmp_path):
+    """Catches one optimiser step more than max_steps."""
+    tr = Trainer(ci_config(tmp_path, max_steps=3, epochs=5, batch_size=16))
+    assert (len(tr.seq.train["users"]) + 15) // 16 > 3  # an epoch is longer than the budget
+    tr.fit()
+    assert tr.steps == 3 and tr.epoch == 1
+
+
+def _scripted_validation(monkeypatch, values):
+    """Validation NDCG@10 after epoch e is values[e] (the rest of the metrics as measured)."""
+    real = Trainer.evaluate
+
+    def scripted(self, split):
+        out = real(self, split)
+        if split == "valid" and self.epoch:
+            out["NDCG@10"] = values[self.epoch]
+        return out
+    monkeypatch.setattr(Trainer, "evaluate", scripted)
+
+
+@pytest.mark.parametrize("eval_every, values, stop, best", [
+    (1, {1: 0.1, 2: 0.2, 3: 0.15, 4: 0.3, 5: 0.25, 6: 0.2, 7: 0.1, 8: 0.1}, 6, 4),
+    (2, {2: 0.2, 4: 0.1, 6: 0.1, 8: 0.1}, 6, 2),
+])
+def test_early_stopping_counts_validations_since_the_last_improvement(tmp_path, monkeypatch, eval_every, values, stop, best):
+    """patience=2: training stops at the second validation in a row without a new best. Catches the count
+    not reset by an improvement, one validation too many, and epochs without validation counted."""
+    _scripted_validation(monkeypatch, values)
+    tr = Trainer(ci_config(tmp_path, epochs=8, patience=2, eval_every=eval_every), tmp_path / "run")
+    res = tr.fit()
+    assert tr.epoch == stop and res["best_epoch"] == best
+
+
+def test_a_resumed_run_keeps_its_patience_count_and_step_count(tmp_path, monkeypatch):
+    """Validation falls after epoch 1; the run dies in epoch 3 and is resumed. Catches the epochs without
+    improvement, or the optimiser steps, counted from zero again after the resume."""
+    _scripted_validation(monkeypatch, {e: 1.0 / e for e in range(1, 9)})
+    cut = Trainer(ci_config(tmp_path, epochs=8, patience=2), tmp_path / "run")
+    real_epoch, calls = cut.train_epoch, []
+
+    def crash_in_third_epoch():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_epoch()
+    cut.train_epoch = crash_in_third_epoch
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    tr = Trainer(ci_config(tmp_path, epochs=8, patience=2), tmp_path / "run")
+    tr.fit(resume=True)
+    per_epoch = (len(tr.seq.train["users"]) + 63) // 64
+    assert tr.epoch == 3 and tr.steps == 3 * per_epoch  # epochs 2 and 3 without a new best: patience 2 reached
+
+
+def test_a_checkpoint_of_other_data_under_the_same_config_is_refused(tmp_path):
+    """Catches the data hash not checked: the same config over changed data (a timestamp moved) resumes."""
+    import dataclasses
+
+    from m3bsr.train import load_data
+    cfg = ci_config(tmp_path, epochs=1)
+    Trainer(cfg, tmp_path / "run").fit()
+    ds = load_data(cfg)
+    df = ds.interactions.copy()
+    df.loc[df.index[-1], "timestamp"] += 1
+    with pytest.raises(CheckpointError, match="another dataset"):
+        Trainer(cfg, tmp_path / "run", dataset=dataclasses.replace(ds, interactions=df)).resume()
+
+
+def test_metrics_json_without_test_metrics_is_not_a_finished_run(tmp_path):
+    """Catches a metrics.json with validation metrics alone taken for a finished run."""
+    cfg = ci_config(tmp_path)
+    out = train.run_dir(cfg, tmp_path / "runs")
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps({"valid": {"NDCG@10": 0.1}, "test": {}}))
+    with pytest.raises(CheckpointError, match="metrics.json"):
+        train.train_cached(cfg, tmp_path / "runs")
+
+
+def test_resume_rewrites_the_history_of_the_checkpointed_epochs(tmp_path):
+    """A crash between last.pt and history.csv leaves the history an epoch short; resuming a run whose last
+    epoch is checkpointed trains nothing more. Catches the history not rewritten from the checkpoint."""
+    run = tmp_path / "run"
+    Trainer(ci_config(tmp_path, epochs=2, patience=10), run).fit()
+    lines = (run / "history.csv").read_text().splitlines()
+    assert len(lines) == 3
+    (run / "history.csv").write_text("\n".join(lines[:2]) + "\n")  # the last epoch's row never written
+    Trainer(ci_config(tmp_path, epochs=2, patience=10), run).fit(resume=True)
+    assert (run / "history.csv").read_text().splitlines() == lines
