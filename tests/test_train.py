@@ -414,30 +414,37 @@ def test_evaluation_builds_no_autograd_graph(tmp_path):
     assert grad and not any(grad)
 
 
-def test_a_run_resumed_after_its_best_epoch_ends_with_the_best_weights(tmp_path, monkeypatch):
-    """Validation scripted to peak at epoch 1; the run dies in epoch 3 and is resumed: the weights
-    test is read from are best.pt's (epoch 1), not the last epoch's."""
+def _scripted_validation(monkeypatch, values):
+    """Validation NDCG@10 after epoch e is values[e] (the rest of the metrics as measured)."""
     real = Trainer.evaluate
 
     def scripted(self, split):
         out = real(self, split)
         if split == "valid" and self.epoch:
-            out["NDCG@10"] = 1.0 / self.epoch
+            out["NDCG@10"] = values[self.epoch]
         return out
-
     monkeypatch.setattr(Trainer, "evaluate", scripted)
-    cut = Trainer(ci_config(tmp_path, epochs=4, patience=10), tmp_path / "run")
-    real_epoch, calls = cut.train_epoch, []
+
+
+def _die_in_third_epoch(tr: Trainer) -> None:
+    """Run ``tr.fit()`` until the process dies (KeyboardInterrupt) in its third epoch: last.pt holds epoch 2."""
+    real_epoch, calls = tr.train_epoch, []
 
     def crash_in_third_epoch():
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real_epoch()
-
-    cut.train_epoch = crash_in_third_epoch
+    tr.train_epoch = crash_in_third_epoch
     with pytest.raises(KeyboardInterrupt):
-        cut.fit()
+        tr.fit()
+
+
+def test_a_run_resumed_after_its_best_epoch_ends_with_the_best_weights(tmp_path, monkeypatch):
+    """Validation scripted to peak at epoch 1; the run dies in epoch 3 and is resumed: the weights
+    test is read from are best.pt's (epoch 1), not the last epoch's."""
+    _scripted_validation(monkeypatch, {e: 1.0 / e for e in range(1, 5)})
+    _die_in_third_epoch(Trainer(ci_config(tmp_path, epochs=4, patience=10), tmp_path / "run"))
     tr = Trainer(ci_config(tmp_path, epochs=4, patience=10), tmp_path / "run")
     res = tr.fit(resume=True)
     assert res["best_epoch"] == 1 and tr.epoch == 4
@@ -518,18 +525,6 @@ def test_max_steps_stops_after_exactly_that_many_steps(tmp_path):
     assert tr.steps == 3 and tr.epoch == 1
 
 
-def _scripted_validation(monkeypatch, values):
-    """Validation NDCG@10 after epoch e is values[e] (the rest of the metrics as measured)."""
-    real = Trainer.evaluate
-
-    def scripted(self, split):
-        out = real(self, split)
-        if split == "valid" and self.epoch:
-            out["NDCG@10"] = values[self.epoch]
-        return out
-    monkeypatch.setattr(Trainer, "evaluate", scripted)
-
-
 @pytest.mark.parametrize("eval_every, values, stop, best", [
     (1, {1: 0.1, 2: 0.2, 3: 0.15, 4: 0.3, 5: 0.25, 6: 0.2, 7: 0.1, 8: 0.1}, 6, 4),
     (2, {2: 0.2, 4: 0.1, 6: 0.1, 8: 0.1}, 6, 2),
@@ -547,17 +542,7 @@ def test_a_resumed_run_keeps_its_patience_count_and_step_count(tmp_path, monkeyp
     """Validation falls after epoch 1; the run dies in epoch 3 and is resumed. Catches the epochs without
     improvement, or the optimiser steps, counted from zero again after the resume."""
     _scripted_validation(monkeypatch, {e: 1.0 / e for e in range(1, 9)})
-    cut = Trainer(ci_config(tmp_path, epochs=8, patience=2), tmp_path / "run")
-    real_epoch, calls = cut.train_epoch, []
-
-    def crash_in_third_epoch():
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_epoch()
-    cut.train_epoch = crash_in_third_epoch
-    with pytest.raises(KeyboardInterrupt):
-        cut.fit()
+    _die_in_third_epoch(Trainer(ci_config(tmp_path, epochs=8, patience=2), tmp_path / "run"))
     tr = Trainer(ci_config(tmp_path, epochs=8, patience=2), tmp_path / "run")
     tr.fit(resume=True)
     per_epoch = (len(tr.seq.train["users"]) + 63) // 64
