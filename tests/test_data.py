@@ -124,9 +124,10 @@ def test_dispatcher_errors(tmp_path):
 @pytest.mark.parametrize("key, value", [("max_len", 0), ("max_len", 512), ("min_deep", 1), ("batch_size", 0),
                                         ("eval_batch_size", -1), ("eval_every", 0), ("sampled_negatives", -5),
                                         ("syn_clusters", 0), ("syn_noise", 1.5), ("syn_noise", float("nan")),
-                                        ("patience", -1), ("heads", 0), ("lr", -1), ("weight_decay", -0.1),
+                                        ("patience", 0), ("heads", 0), ("lr", -1), ("weight_decay", -0.1),
                                         ("lambda_c", -1), ("lambda_b", float("nan")), ("mask_ratio", 1.5),
-                                        ("tau", 0), ("tau", float("nan")), ("lr", float("inf")),
+                                        ("tau", 0), ("tau", float("nan")), ("lr", float("inf")), ("max_steps", 0),
+                                        ("inference_steps", 0),
                                         ("lambda_m", float("inf")), ("tau", float("inf"))])
 def test_out_of_range_settings_are_config_errors(key, value):
     cfg = make_config("ci")
@@ -651,6 +652,29 @@ def test_config_strings_must_parse_to_the_field_type(key, value):
     """Catches "none" accepted for a non-optional field, an unparsable bool kept as a string, a float truncated to int."""
     with pytest.raises(ConfigError, match=key):
         make_config("ci").set(key, value)
+
+
+@pytest.mark.parametrize("key, value", [("T", 2.5), ("T", None), ("T", True), ("cdbd", 1), ("tau", None),
+                                        ("model", 5), ("data_root", 3.0), ("seed", True)])
+def test_config_values_that_are_not_strings_must_have_the_field_type(key, value):
+    """Catches Python and config.json values skipping the type check that strings get (T=2.5 would fail
+    later inside torch), for make_config, Config.set and Config.from_dict alike."""
+    from m3bsr.config import Config
+    with pytest.raises(ConfigError, match=key):
+        make_config("ci", {key: value})
+    d = make_config("ci").to_dict()
+    section = next(s for s in ("data", "model", "train") if key in d[s])
+    d[section][key] = value
+    with pytest.raises(ConfigError, match=key):
+        Config.from_dict(d)
+
+
+def test_config_accepts_ints_for_floats_and_numpy_scalars_as_python_numbers():
+    """An int in a float field stays as given (the run hash is unchanged); numpy scalars become Python
+    numbers, so the config still serialises to JSON."""
+    cfg = make_config("ci", {"T": np.int64(4), "lr": np.float32(0.5), "lambda_c": 0, "inference_steps": None})
+    assert (type(cfg.model.T), type(cfg.train.lr), cfg.model.lambda_c) == (int, float, 0)
+    assert cfg.hash() == make_config("ci", {"T": 4, "lr": 0.5, "lambda_c": 0}).hash()
 
 
 def test_config_from_dict_refuses_a_field_in_the_wrong_section_and_unknown_profiles():

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,7 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
-    patience: int = 10  # early stopping on validation NDCG@10
+    patience: int = 10  # early stopping: stop after this many validations (>= 1) without a new best NDCG@10
     eval_every: int = 1  # validate every this many epochs (and after the last); patience counts validations
     eval_batch_size: int = 512
     device: str = "auto"  # auto: cuda when available
@@ -176,8 +177,9 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "syn_users": (1, None), "syn_items": (1, None), "syn_clusters": (1, None), "syn_events": (0, None),
     "syn_noise": (0.0, 1.0), "dropout": (0.0, 1.0),
     "d": (1, None), "layers": (0, None), "heads": (1, None), "T": (1, None), "diffurec_T": (1, None),
-    "epochs": (0, None), "batch_size": (1, None), "patience": (0, None), "eval_every": (1, None),
-    "eval_batch_size": (1, None), "sampled_negatives": (0, None),
+    "inference_steps": (1, None),  # <= T is checked when the model is built
+    "epochs": (0, None), "batch_size": (1, None), "patience": (1, None), "eval_every": (1, None),
+    "eval_batch_size": (1, None), "sampled_negatives": (0, None), "max_steps": (1, None),
     "lr": (0.0, None), "weight_decay": (0.0, None), "lambda_c": (0.0, None), "lambda_m": (0.0, None),
     "lambda_b": (0.0, None), "mask_ratio": (0.0, 1.0),
 }
@@ -194,8 +196,9 @@ CHOICES: dict[str, tuple] = {
 
 
 def _parse(value: Any, ftype: str, key: str) -> Any:
+    """``value`` as the field's type: strings are parsed, other values checked (ConfigError)."""
     if not isinstance(value, str):
-        return value
+        return _check_type(value, ftype, key)
     v = value.strip()
     if v.lower() in ("none", "null") and "None" in ftype:
         return None
@@ -213,6 +216,22 @@ def _parse(value: Any, ftype: str, key: str) -> Any:
     except ValueError:
         raise ConfigError(f"config field {key!r} expects {ftype}, got {value!r}") from None
     return v
+
+
+def _check_type(value: Any, ftype: str, key: str) -> Any:
+    """A value that is not a string (a Python override, a config.json): it must already have the
+    field's type. Integers pass where a float is expected; numpy scalars become Python numbers."""
+    if value is None and "None" in ftype:
+        return None
+    base = ftype.split("|")[0].strip()
+    number = not isinstance(value, bool) and isinstance(value, numbers.Real)
+    if base == "bool" and isinstance(value, bool):
+        return value
+    if base == "int" and number and isinstance(value, numbers.Integral):
+        return int(value)
+    if base == "float" and number:
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+    raise ConfigError(f"config field {key!r} expects {ftype}, got {value!r}")
 
 
 # Profiles: ci = seconds to minutes on 2 CPU cores; default = the README's CPU job; paper = GPU scale.
