@@ -320,6 +320,13 @@ def test_rec_tmall_not_gbk(tmp_path):
     raises_at(lambda: load_dataset(cfg, features=False), sources.TMALL_LOG, 4, "gbk")
 
 
+def test_rec_tmall_saved_as_utf8_with_a_bom_is_named(tmp_path):
+    """Catches a UTF-8 BOM decoded as GBK text, which reported a header mismatch instead."""
+    tmall_folder(tmp_path, b"\xef\xbb\xbf" + TMALL_LOG.encode("utf-8"))
+    cfg = DataConfig(dataset="rec-tmall", data_root=str(tmp_path))
+    raises_at(lambda: load_dataset(cfg, features=False), sources.TMALL_LOG, 1, "UTF-8 byte-order mark", "gbk")
+
+
 def test_rec_tmall_bad_time_and_action(tmp_path):
     cfg = DataConfig(dataset="rec-tmall", data_root=str(tmp_path))
     folder = tmall_folder(tmp_path, (TMALL_LOG + "i1,u2,click,yesterday\n").encode("gbk"))

@@ -24,6 +24,7 @@ column, and what was expected.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import os
@@ -140,6 +141,9 @@ def read_table(path: str | Path, columns: Sequence[str], *, header: bool = True,
         raise DataError("file is empty", file=path)
     if b"\x00" in data:
         raise DataError("NUL byte in file (binary or corrupted?)", file=path, line=_line_at(data, data.index(b"\x00")))
+    if data.startswith(codecs.BOM_UTF8) and codecs.lookup(encoding).name != "utf-8":  # else the BOM decodes as text
+        raise DataError(f"starts with a UTF-8 byte-order mark (a UTF-8 file); expected {encoding}-encoded text",
+                        file=path, line=1)
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError as e:
