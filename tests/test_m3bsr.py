@@ -12,7 +12,8 @@ from m3bsr.models.base import DataInfo
 from m3bsr.models.diffusion import (ConditionalChain, NoisePredictor, Schedule, cosine_schedule, linear_schedule,
                                     p_step, q_step)
 from m3bsr.models.layers import before_mask
-from m3bsr.models.m3bsr import M3BSR, contrastive_apart
+from m3bsr.models import m3bsr as m3bsr_module
+from m3bsr.models.m3bsr import M3BSR, contrastive_apart, contrastive_push
 from m3bsr.models.registry import build_model
 
 N_ITEMS, L, D = 30, 6, 16
@@ -368,6 +369,25 @@ def test_contrastive_apart_is_smallest_for_collapsed_experts():
     assert (contrastive_apart(torch.randn(4, E, D), 0.1) > floor + 1).all()
 
 
+def test_contrastive_push_formula():
+    """Catches unnormalised similarities, tau multiplying, and a mean over anchors instead of the sum."""
+    z1, z2 = torch.randn(2, 5, 7, D), torch.randn(2, 5, 7, D)
+    z1n, z2n = torch.nn.functional.normalize(z1, dim=-1), torch.nn.functional.normalize(z2, dim=-1)
+    sim = z1n @ z2n.transpose(-1, -2) / 0.1
+    ref = -sum(sim[..., i, i] - sim[..., i, :].logsumexp(-1) for i in range(7))
+    assert torch.allclose(contrastive_push(z1, z2, 0.1), ref, atol=1e-3)
+
+
+def test_push_contrasts_two_dropout_views_of_the_experts(monkeypatch):
+    """Catches the push variant comparing the experts with themselves (one view): its positives would be
+    identical and its loss a function of the first view alone."""
+    views = []
+    monkeypatch.setattr(m3bsr_module, "contrastive_push", lambda a, b, tau: views.append((a, b)) or a.sum((-1, -2)))
+    make(contrastive_variant="push", dropout=0.3).loss(tiny_batch())
+    (a, b), = views
+    assert a.shape == b.shape and not torch.allclose(a, b)
+
+
 def test_denoise_outputs_and_history_pooling():
     model = make().eval()
     batch = tiny_batch()
@@ -394,6 +414,148 @@ def test_bf16_autocast_keeps_losses_float32():
         out = model.loss(tiny_batch())
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
     out["loss"].backward()
+
+
+def test_embed_gives_each_stream_its_own_bos_and_layernorm_and_h_id_is_mlp_of_sqrt_d_e():
+    """embed = LN_m([BOS_{s,m}; h^m]) with h^id = MLP(sqrt(d) e_i). Catches a BOS shared by the levels or
+    by the modalities, one LayerNorm for every modality, and the sqrt(d) scale left out."""
+    model = make().eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.bos)
+        for ln in model.emb_ln.values():
+            torch.nn.init.normal_(ln.weight)
+        h = model.embed(batch["items"])
+        for i, m in enumerate(model.modalities):
+            for s in range(2):
+                assert torch.allclose(h[m][:, s, 0], model.emb_ln[m](model.bos[s, i]).expand(3, D), atol=1e-6)
+        e = model.item(batch["items"][:, :, 1:])
+        assert torch.allclose(h["id"][:, :, 1:], model.emb_ln["id"](model.id_mlp(e * math.sqrt(D))), atol=1e-5)
+
+
+def test_cdmd_conditions_image_and_text_on_the_id_stream():
+    """Catches a CDMD chain conditioned on its own stream: changing only the ID stream must change the
+    denoised image and text streams."""
+    model = make().eval()
+    batch = tiny_batch()
+    with torch.no_grad():
+        h = model.embed(batch["items"])
+        h2 = {m: v.clone() for m, v in h.items()}
+        h2["id"] += torch.randn_like(h2["id"])
+        model.modality_denoising(h, batch["items"] > 0)
+        model.modality_denoising(h2, batch["items"] > 0)
+    for m in ("image", "text"):
+        assert not torch.allclose(h[m], h2[m]), m
+
+
+def _cdbd_changes_level0(model: M3BSR, S: int, changed: dict[str, int]) -> bool:
+    """Whether CDBD's denoised level-0 ID stream changes when the streams ``changed`` ({modality: level})
+    change (every position, BOS included, which every query sees)."""
+    batch = tiny_batch(S=S)
+    with torch.no_grad():
+        base = model.embed(batch["items"])
+        outs = []
+        for change in ({}, changed):
+            h = {m: v.clone() for m, v in base.items()}
+            for m, level in change.items():
+                h[m][:, level] += torch.randn_like(h[m][:, level])
+            model.behavior_denoising(h, batch["times"], batch["items"] > 0)
+            outs.append(h["id"][:, 0])
+    return not torch.allclose(*outs)
+
+
+@pytest.mark.parametrize("deeper, seen", [("next", {1}), ("all", {1, 2})])
+def test_cdbd_conditions_each_level_on_the_deeper_levels_it_names(deeper, seen):
+    """Three levels: cdbd_deeper='next' conditions level 0 on level 1 only, 'all' on levels 1 and 2.
+    Catches the deepest level standing in for the next one, and 'all' leaving a deeper level out."""
+    model = make(S=3, cdbd_deeper=deeper).eval()
+    assert {lvl for lvl in (1, 2) if _cdbd_changes_level0(model, 3, {"id": lvl})} == seen
+
+
+@pytest.mark.parametrize("condition", ["same", "concat"])
+def test_cdbd_concat_conditions_on_every_modality_of_the_deeper_level(condition):
+    """cdbd_condition='same': the ID stream is conditioned on the deeper ID stream only; 'concat': on
+    every modality of the deeper level. Catches 'concat' repeating the stream's own modality."""
+    model = make(cdbd_condition=condition).eval()
+    assert _cdbd_changes_level0(model, 2, {"image": 1}) == (condition == "concat")
+    assert _cdbd_changes_level0(model, 2, {"id": 1})
+
+
+class _TaggedExpert(torch.nn.Module):
+    """Stands in for an expert Transformer: every output row holds ``code + 10 * level``, where the
+    level is fixed or (streams of all levels stacked user-major) the input row's index mod S."""
+
+    def __init__(self, code: int, S: int, level: int | None = None):
+        super().__init__()
+        self.code, self.S, self.level = code, S, level
+
+    def forward(self, x, mask, rows=None):
+        n, L1, d = x.shape
+        level = torch.arange(n) % self.S if self.level is None else torch.full((n,), self.level)
+        return (self.code + 10 * level).float()[:, None, None].expand(n, L1 if rows is None else rows.shape[1], d)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("train", [True, False])
+def test_specific_experts_are_level_major(shared, train):
+    """Expert s * M + i is modality i's Transformer on level s (the order the docstring, the router's
+    W_s and the notebooks' expert labels use). Catches a modality-major order."""
+    S = 3
+    model = make(S=S, shared_specific=shared).train(train)
+    M = len(model.modalities)
+    model.specific = torch.nn.ModuleDict(
+        {m: _TaggedExpert(i, S) for i, m in enumerate(model.modalities)} if shared else
+        {f"{s}/{m}": _TaggedExpert(i, S, s) for s in range(S) for i, m in enumerate(model.modalities)})
+    with torch.no_grad():
+        z = model.forward_all(tiny_batch(S=S))[2]
+    for s in range(S):
+        for i in range(M):
+            assert (z[..., s * M + i, :] == i + 10 * s).all(), (s, i)
+
+
+def test_common_expert_inputs_and_pooling():
+    """h^share = h_cl + CrossAttention(LN(h_cl), LN(h_fa)), tokens (modality, position) of the click and the
+    favor level with position and modality-type embeddings; the expert is the mean over modalities of
+    h_common = Transformer(h^share) at the history index. Catches the residual left out, the type
+    embedding left off the favor tokens, and one modality's token standing in for the mean."""
+    model = make().eval()
+    batch = tiny_batch()
+    seen = {}
+    hook = lambda key: (lambda mod, args, out: seen.__setitem__(key, (args, out)))
+    for key, mod in (("ln_cl", model.ln_cl), ("ln_fa", model.ln_fa), ("cross", model.common_cross),
+                     ("common", model.common)):
+        mod.register_forward_hook(hook(key))
+    with torch.no_grad():
+        rec = model.denoise_outputs(batch)
+    x = {m: rec["cdbd"][m] + model.pos.weight[:L + 1] for m in model.modalities}
+    for key, level in (("ln_cl", 0), ("ln_fa", -1)):
+        tokens = torch.cat([x[m][:, level] + model.type_emb[i] for i, m in enumerate(model.modalities)], 1)
+        assert torch.allclose(seen[key][0][0], tokens, atol=1e-5), key
+    share = seen["common"][0][0]
+    assert torch.allclose(share, seen["ln_cl"][0][0] + seen["cross"][1], atol=1e-6)
+    M, K = len(model.modalities), rec["experts"].shape[1]
+    assert torch.allclose(rec["experts"][..., -1, :], seen["common"][1].view(3, M, K, D).mean(1), atol=1e-6)
+
+
+@pytest.mark.parametrize("router", ["gate", "gate-no-common", "softmax", "mean"])
+def test_router_mixes_the_experts_as_its_formula_says(router):
+    """gate: y = g h_common + (1 - g) W_s [h_spec], g = sigmoid(W_g [all experts] + b_g) (no common
+    expert: y = W_s [h_spec]); softmax: y = sum_e softmax_e(W_r [all]) h_e; mean: y = mean_e h_e.
+    Catches the gate's weights swapped, W_s reading the common expert, and a sum for the mean."""
+    model = make(router="gate", common_expert=False) if router == "gate-no-common" else make(router=router)
+    E = model.n_experts
+    z = torch.randn(3, 4, E, D)
+    with torch.no_grad():
+        if router == "gate":
+            g = torch.sigmoid(model.gate(z.flatten(-2)))
+            expected = g * z[..., -1, :] + (1 - g) * model.spec_proj(z[..., :-1, :].flatten(-2))
+        elif router == "gate-no-common":
+            expected = model.spec_proj(z.flatten(-2))
+        elif router == "softmax":
+            expected = torch.einsum("bke,bked->bkd", model.router(z.flatten(-2)).softmax(-1), z)
+        else:
+            expected = z.sum(-2) / E
+        assert torch.allclose(model.route(z), expected, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,8 +655,9 @@ def test_diffusion_losses_average_the_real_events_of_each_level():
     for key, w in weights.items():
         v = valid if key.startswith("cdmd") else valid[:, :1]  # CDBD: the click level
         w = w.view(B, -1, L1)  # CDMD rows are (user, level); CDBD's one level: users
-        assert (w[~v] == 0).all(), key
-        assert torch.allclose(w.sum((0, 2)), torch.ones(v.shape[1])), key
+        expected = v.float() / v.float().sum((0, 2), keepdim=True)
+        assert torch.allclose(w, expected), key
+    assert (valid[:, 0].sum(-1) != valid[:, 1].sum(-1)).any()  # the click level's own padding counts
 
 
 def test_contrastive_loss_is_the_mean_over_real_targets():
