@@ -1,10 +1,14 @@
 """BERT4Rec, MBT and DiffuRec: shapes, no peeking at or after the target, seeded sampling, training."""
+import math
+
 import pytest
 import torch
 
 from m3bsr.config import ModelConfig
-from m3bsr.data.sequences import TIME_BOS, TIME_PAD
+from m3bsr.data.sequences import TIME_BOS, TIME_PAD, history_index
 from m3bsr.models.base import DataInfo
+from m3bsr.models import sequential
+from m3bsr.models.baselines import Popularity
 from m3bsr.models.sequential import BERT4Rec, DiffuRec, MBT, diffurec_betas
 
 N, L, S = 30, 8, 2
@@ -260,16 +264,145 @@ def test_diffurec_sampler_keeps_an_exact_denoiser_on_the_noiseless_path(monkeypa
         assert torch.allclose(x, model.abar[t].sqrt() * x0[0], atol=1e-5), t
 
 
-def test_diffurec_training_input_is_q_xt_given_x0(monkeypatch):
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with x0 = E[target]: with eps = 0 it is sqrt(abar_t) x0."""
+@pytest.mark.parametrize("eps", [torch.zeros_like, torch.ones_like])
+def test_diffurec_training_input_is_q_xt_given_x0(monkeypatch, eps):
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with x0 = E[target] (eps = 0, then eps = 1)."""
     model = build(DiffuRec)
     batch = make_batch()
-    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    monkeypatch.setattr(torch, "randn_like", eps)
     seen, real = [], model.denoise
     monkeypatch.setattr(model, "denoise", lambda h, idx, x_t, t: seen.append((x_t, t)) or real(h, idx, x_t, t))
     model.loss(batch)
     [(x_t, t)] = seen
-    assert torch.allclose(x_t, model.abar[t][..., None].sqrt() * model.item(batch["targets"]), atol=1e-6)
+    ab = model.abar[t][..., None]
+    assert torch.allclose(x_t, ab.sqrt() * model.item(batch["targets"]) + (1 - ab).sqrt() * eps(x_t), atol=1e-6)
+
+
+def test_diffurec_training_draws_t_from_1_to_T_and_lambda_from_n_delta_delta(monkeypatch):
+    """t ~ U{1..T}; lambda ~ N(delta, delta) elementwise; e(t) = MLP(sinusoidal(t * 1000 / T)). Catches
+    t never reaching T, a zero-mean lambda and the unscaled t in the time embedding."""
+    model = build(DiffuRec)
+    batch = make_batch()
+    ts, normals, sines = [], [], []
+    real_denoise, real_normal, real_sin = model.denoise, torch.normal, sequential.sinusoidal
+    monkeypatch.setattr(model, "denoise", lambda h, idx, x_t, t: ts.append(t) or real_denoise(h, idx, x_t, t))
+    monkeypatch.setattr(torch, "normal",
+                        lambda mean, std, *a, **k: normals.append((mean, std)) or real_normal(mean, std, *a, **k))
+    monkeypatch.setattr(sequential, "sinusoidal", lambda t, d: sines.append(t) or real_sin(t, d))
+    torch.manual_seed(0)
+    for _ in range(20):
+        model.loss(batch)
+    t = torch.cat(ts)
+    assert (t.min().item(), t.max().item()) == (1, model.T)
+    assert normals and all(ms == (model.delta, model.delta) for ms in normals)
+    assert torch.allclose(torch.cat(sines), t * (1000 / model.T))
+
+
+def test_diffurec_stochastic_sampler_adds_the_posterior_std():
+    """eval_mode='stochastic': x_s = mu(x_t, x0_hat) + sqrt(beta (1 - abar_s) / (1 - abar_t)) z (s > 0), with
+    x_T and every z drawn from one generator seeded with sample_seed; the scores come from x0_hat at the
+    last step. Checked against the chain recomputed from the same draws."""
+    model = build(DiffuRec, eval_mode="stochastic", inference_steps=4).eval()
+    batch = make_batch(eval_rows=True)
+    x0s = []
+    real = model.denoise
+    model.denoise = lambda h, idx, x_t, t: x0s.append((x_t, real(h, idx, x_t, t))) or x0s[-1][1]
+    with torch.no_grad():
+        model.score(batch)
+    gen = torch.Generator().manual_seed(model.sample_seed)
+    x = torch.randn(6, 1, 16, generator=gen)
+    for (x_t, x0_hat), t, s in zip(x0s, model.steps, model.steps[1:] + [0]):
+        assert torch.allclose(x_t, x, atol=1e-5), t
+        ab_t, ab_s = model.abar[t], model.abar[s]
+        beta = 1 - ab_t / ab_s
+        x = (ab_s.sqrt() * beta * x0_hat + (1 - beta).sqrt() * (1 - ab_s) * x) / (1 - ab_t)
+        if s > 0:
+            x = x + (beta * (1 - ab_s) / (1 - ab_t)).sqrt() * torch.randn(x.shape, generator=gen)
+    assert len(x0s) == 4
+
+
+def test_diffurec_cosine_betas_follow_the_documented_formula():
+    """abar(s) = cos^2((s + 0.008) / 1.008 * pi / 2), beta_t = 1 - abar(t/T) / abar((t-1)/T)."""
+    T = 5
+    abar = [math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2 for t in range(T + 1)]
+    expected = torch.tensor([1 - abar[t] / abar[t - 1] for t in range(1, T + 1)], dtype=torch.float64)
+    assert torch.allclose(diffurec_betas("cosine", T), expected.clamp(max=0.999))
+
+
+def test_bert4rec_trains_on_the_deep_level_and_survives_rows_without_deep_events():
+    """The Cloze loss reads the deep stream only (shallow items change nothing), and a row without deep
+    events (it attends anywhere; its outputs are unused) leaves the loss and every gradient finite."""
+    model = build(BERT4Rec)
+    batch = make_batch()
+    shallow = {k: v.clone() for k, v in batch.items()}
+    shallow["items"][:, 0][shallow["items"][:, 0] > 0] = 1
+    torch.manual_seed(0)
+    a = model.loss(batch)["loss"]
+    torch.manual_seed(0)
+    assert torch.equal(a, model.loss(shallow)["loss"])
+    batch["items"][0, -1] = 0
+    loss = model.loss(batch)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_mbt_pair_bias_is_indexed_query_behaviour_then_key_behaviour():
+    """B[h, b_q, b_k] biases a query of behaviour b_q attending to a key of behaviour b_k: with
+    B[:, 0, 1] = -inf-like, behaviour-0 queries ignore behaviour-1 keys (and not the other way round)."""
+    torch.manual_seed(0)
+    blk = sequential.BehaviourBlock(16, 2, 0.0, 2).eval()
+    with torch.no_grad():
+        blk.pair[:, 0, 1] = -1e4
+        x = torch.randn(1, 4, 16)
+        types = torch.nn.functional.one_hot(torch.tensor([[1, 0, 1, 0]]), 2)
+        allowed = torch.ones(4, 4, dtype=torch.bool)
+        x2 = x.clone()
+        x2[0, 2] += torch.randn(16)  # a behaviour-1 key (not a constant shift, which LayerNorm removes)
+        a, b = blk(x, types, allowed), blk(x2, types, allowed)
+    assert torch.allclose(a[0, [1, 3]], b[0, [1, 3]], atol=1e-5)  # behaviour-0 queries
+    assert not torch.allclose(a[0, 0], b[0, 0])  # a behaviour-1 query sees it
+
+
+def test_mbt_input_is_item_plus_behaviour_type_plus_position():
+    """The merged timeline enters as E_item + E_behaviour (levels; BOS and padding: type S) + E_pos."""
+    model = build(MBT).eval()
+    batch = make_batch()
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.no_grad():
+        model.user_vectors(batch)
+        it, _, bh = model.merge(batch["items"], batch["times"])
+        expected = model.item(it) + model.behaviour(bh) + model.pos.weight[:it.shape[1]]
+    assert torch.allclose(seen[0], expected)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "sasrec-mm"])
+def test_sasrec_reads_the_latest_deep_event_before_each_target(name):
+    """Changing the deep event at a target's history index (the latest before it) changes that
+    target's user vector. Catches the input shifted by one, so that the latest event is never read."""
+    from m3bsr.models.registry import MODELS
+    torch.manual_seed(0)
+    info = DataInfo(n_items=N, levels=["b0", "b1"], features={"image": torch.randn(N + 1, 8)},
+                    feature_mask={"image": torch.ones(N + 1, dtype=torch.bool)})
+    model = MODELS[name](ModelConfig(model=name, d=16, layers=2, heads=2, dropout=0.1), info).eval()
+    batch = make_batch()
+    idx = history_index(batch["times"][:, -1:], batch["target_times"])[:, 0]
+    with torch.no_grad():
+        y = model.user_vectors(batch)[0]
+        read = (batch["targets"] > 0) & (idx > 0)  # idx 0: only BOS comes before the target
+        assert read.sum() > 10
+        for b, k in read.nonzero().tolist():
+            pert = {key: v.clone() for key, v in batch.items()}
+            pert["items"][b, -1, idx[b, k]] = N
+            assert not torch.allclose(model.user_vectors(pert)[0][b, k], y[b, k]), (b, k)
+
+
+def test_popularity_never_scores_padding():
+    """Every user gets the training-target counts, and column 0 (padding) is -inf."""
+    counts = torch.arange(N + 1.0)
+    model = Popularity(ModelConfig(model="pop"), DataInfo(n_items=N, levels=["b0", "b1"], item_counts=counts))
+    s = model.score(make_batch(eval_rows=True))
+    assert (s[:, 0] == float("-inf")).all() and torch.equal(s[:, 1:], counts[1:].expand(6, -1))
 
 
 def test_diffurec_trunc_lin_betas_match_the_documented_ends():
