@@ -212,15 +212,20 @@ def test_embedding_tables_start_on_one_small_scale(name):
         assert t.weight.std().item() < 0.05, (name, t)
 
 
-@pytest.mark.parametrize("name", ["sasrec", "sasrec-mm"])
-def test_sasrec_outputs_ignore_events_at_or_after_the_target(name):
-    """SASRec (causal over the deep stream, read at each target's deep history index): a training
-    target's user vector is unchanged when events at or after it change, and some later one changes."""
+def build_sasrec(name: str):
+    """SASRec or SASRec+MM (with an image feature) in eval mode, on two levels."""
     from m3bsr.models.registry import MODELS
     torch.manual_seed(0)
     info = DataInfo(n_items=N, levels=["b0", "b1"], features={"image": torch.randn(N + 1, 8)},
                     feature_mask={"image": torch.ones(N + 1, dtype=torch.bool)})
-    model = MODELS[name](ModelConfig(model=name, d=16, layers=2, heads=2, dropout=0.1), info).eval()
+    return MODELS[name](ModelConfig(model=name, d=16, layers=2, heads=2, dropout=0.1), info).eval()
+
+
+@pytest.mark.parametrize("name", ["sasrec", "sasrec-mm"])
+def test_sasrec_outputs_ignore_events_at_or_after_the_target(name):
+    """SASRec (causal over the deep stream, read at each target's deep history index): a training
+    target's user vector is unchanged when events at or after it change, and some later one changes."""
+    model = build_sasrec(name)
     batch = make_batch()
     changed = False
     with torch.no_grad():
@@ -380,11 +385,7 @@ def test_mbt_input_is_item_plus_behaviour_type_plus_position():
 def test_sasrec_reads_the_latest_deep_event_before_each_target(name):
     """Changing the deep event at a target's history index (the latest before it) changes that
     target's user vector. Catches the input shifted by one, so that the latest event is never read."""
-    from m3bsr.models.registry import MODELS
-    torch.manual_seed(0)
-    info = DataInfo(n_items=N, levels=["b0", "b1"], features={"image": torch.randn(N + 1, 8)},
-                    feature_mask={"image": torch.ones(N + 1, dtype=torch.bool)})
-    model = MODELS[name](ModelConfig(model=name, d=16, layers=2, heads=2, dropout=0.1), info).eval()
+    model = build_sasrec(name)
     batch = make_batch()
     idx = history_index(batch["times"][:, -1:], batch["target_times"])[:, 0]
     with torch.no_grad():
