@@ -11,7 +11,7 @@ from m3bsr.data.sequences import TIME_BOS, TIME_PAD, history_index
 from m3bsr.models.base import DataInfo
 from m3bsr.models.diffusion import (ConditionalChain, NoisePredictor, Schedule, cosine_schedule, linear_schedule,
                                     p_step, q_step)
-from m3bsr.models.layers import before_mask
+from m3bsr.models.layers import before_mask, sinusoidal
 from m3bsr.models import m3bsr as m3bsr_module
 from m3bsr.models.m3bsr import M3BSR, contrastive_apart, contrastive_push
 from m3bsr.models.registry import build_model
@@ -588,14 +588,24 @@ def test_strided_grid_is_round_i_T_over_n():
     assert Schedule(10).grid(3) == [3, 7, 10]
 
 
+def test_forward_step_adds_sqrt_one_minus_a_t_eps_or_the_noise_drawn_already_scaled():
+    """q_step: h~_t = sqrt(a_t) h + sqrt(1 - a_t) eps; with scaled=True the noise already holds
+    sqrt(1 - a_t) eps (as the chain draws it) and is added as it is."""
+    a = 0.7
+    h, e = torch.randn(4, 8), torch.randn(4, 8)
+    assert torch.allclose(q_step(h, a, e), math.sqrt(a) * h + math.sqrt(1 - a) * e, atol=1e-6)
+    assert torch.allclose(q_step(h, a, e, scaled=True), math.sqrt(a) * h + e, atol=1e-6)
+
+
 def _spy_q_step(monkeypatch) -> list:
-    """Record (a_t, scaled noise) of every forward step a chain takes."""
+    """Record (a_t, scaled noise, h~_t) of every forward step a chain takes."""
     from m3bsr.models import diffusion
     got, real = [], diffusion.q_step
 
     def spy(h, a_t, eps, scaled=False):
-        got.append((a_t, eps))
-        return real(h, a_t, eps, scaled)
+        out = real(h, a_t, eps, scaled)
+        got.append((a_t, eps, out))
+        return out
 
     monkeypatch.setattr(diffusion, "q_step", spy)
     return got
@@ -608,7 +618,7 @@ def test_training_noise_of_step_t_has_std_sqrt_one_minus_a_t(monkeypatch):
     chain = ConditionalChain(tiny_cfg(T=3, schedule="cosine"), D)
     chain(torch.randn(16, 64, D), torch.randn(16, 64, D), causal=True)
     assert len(got) == 3
-    for a_t, noise in got:
+    for a_t, noise, _ in got:
         assert noise.std().item() == pytest.approx(math.sqrt(1 - a_t), rel=0.03)
 
 
@@ -621,7 +631,7 @@ def test_eps_loss_is_zero_for_a_predictor_of_the_true_noise(monkeypatch):
             return None
 
         def forward(self, x, kv, mask=None, causal=False, t=None, return_weights=False):
-            a_t, noise = got[-1]
+            a_t, noise, _ = got[-1]
             return noise / math.sqrt(1 - a_t)
 
     chain = ConditionalChain(tiny_cfg(T=3, diffusion_loss="eps"), D)
@@ -636,6 +646,67 @@ def test_training_runs_all_T_steps_whatever_inference_steps():
     assert len(chain(x, c, causal=True, return_states=True).states) == 5
     chain.eval()
     assert len(chain(x, c, causal=True, return_states=True).states) == 3
+
+
+def test_chain_loss_sums_each_steps_weighted_mse_between_noisy_and_denoised(monkeypatch):
+    """L = sum_t sum_l w_l mean_d (h~_t - h-_t)^2: every step counts, h-_t is the state the chain
+    returns (and hands to the next step), and each position weighs its own w_l."""
+    got = _spy_q_step(monkeypatch)
+    torch.manual_seed(0)
+    chain = ConditionalChain(tiny_cfg(T=3), D)
+    x = torch.randn(2, 5, D)
+    w = torch.rand(2, 5)
+    w = w / w.sum()
+    r = chain(x, torch.randn(2, 5, D), causal=True, weight=w, return_states=True)
+    assert torch.equal(r.states[-1], r.out) and torch.equal(r.states[0], x)
+    expected = sum((w * ((h_noisy - h_den) ** 2).mean(-1)).sum()
+                   for (_, _, h_noisy), h_den in zip(got, r.states[1:]))
+    assert r.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_noise_predictor_sees_the_step_it_denoises(monkeypatch):
+    """time_embedding=True: the query is LN(h~_t) + W_t sinusoidal(t) with the t the chain visits
+    (1..T in training, the strided grid in evaluation)."""
+    from m3bsr.models import diffusion
+    seen = []
+    monkeypatch.setattr(diffusion, "sinusoidal", lambda t, d: seen.append(int(t)) or sinusoidal(t, d))
+    torch.manual_seed(0)
+    chain = ConditionalChain(tiny_cfg(T=4, inference_steps=2, time_embedding=True), D)
+    x, c = torch.randn(2, 5, D), torch.randn(2, 5, D)
+    chain(x, c, causal=True)
+    assert seen == [1, 2, 3, 4]
+    chain.eval()
+    seen.clear()
+    chain(x, c, causal=True)
+    assert seen == [2, 4]
+    p, queries = chain.predictor, []
+    p.q.register_forward_pre_hook(lambda mod, args: queries.append(args[0]))
+    with torch.no_grad():
+        p(x, p.condition(c), causal=True, t=3)
+        expected = p.ln_q(x) + p.t_proj(sinusoidal(torch.tensor(3), D))
+    assert torch.allclose(queries[0], expected, atol=1e-6)
+
+
+def test_skip_mode_skips_the_chain_in_evaluation_only():
+    """eval_mode='skip' still trains the chain (loss, denoised output); only evaluation returns the input."""
+    torch.manual_seed(0)
+    chain = ConditionalChain(tiny_cfg(T=3, eval_mode="skip"), D)
+    x, c = torch.randn(2, 5, D), torch.randn(2, 5, D)
+    r = chain(x, c, causal=True)
+    assert r.loss is not None and r.loss > 0 and not torch.allclose(r.out, x)
+    assert torch.equal(chain.eval()(x, c, causal=True).out, x)
+
+
+def test_stochastic_evaluation_draws_from_the_chains_own_seed():
+    """eval_mode='stochastic' seeds the chain's generator with its own seed: the same seed gives the
+    same output, another seed (another chain of the model) other noise."""
+    torch.manual_seed(0)
+    chains = [ConditionalChain(tiny_cfg(T=3, eval_mode="stochastic"), D, seed=s) for s in (1, 1, 2)]
+    for ch in chains[1:]:
+        ch.load_state_dict(chains[0].state_dict())
+    x, c = torch.randn(2, 5, D), torch.randn(2, 5, D)
+    a, b, other = (ch.eval()(x, c, causal=True).out for ch in chains)
+    assert torch.equal(a, b) and not torch.allclose(a, other)
 
 
 def test_diffusion_losses_average_the_real_events_of_each_level():
@@ -741,7 +812,6 @@ def test_transformer_rows_equal_the_gathered_full_output():
 
 def test_sinusoidal_embedding_values():
     """Catches the frequencies spaced over d instead of d/2 and the cosine half replaced by sines."""
-    from m3bsr.models.layers import sinusoidal
     e = sinusoidal(torch.tensor([0, 3]), 4)  # frequencies 10000^(-i/2), i = 0, 1: 1 and 0.01
     expected = torch.tensor([[0.0, 0.0, 1.0, 1.0], [math.sin(3), math.sin(0.03), math.cos(3), math.cos(0.03)]])
     assert torch.allclose(e, expected, atol=1e-6)
