@@ -54,12 +54,20 @@ def test_layout_bos_padding_and_split():
 
 def test_users_with_few_deep_events_train_but_are_not_evaluated():
     raw = toy()
+    # one more such user, whose last event is a favor (it must train too)
+    extra = [(99, 5, 0, 1), (99, 6, 0, 2), (99, 7, 1, 3), (99, 8, 0, 4), (99, 9, 1, 5)]
+    raw = pd.concat([raw, pd.DataFrame([(*e, len(raw) + i) for i, e in enumerate(extra)], columns=raw.columns)])
     ds, seq = build(raw)
     n_deep = ds.interactions[ds.interactions.level == 1].groupby("user").size()
     assert set(seq.test["users"].tolist()) == set(n_deep[n_deep >= 3].index)
     few = set(n_deep[n_deep < 3].index)
     assert few, "toy data should contain users with fewer than 3 deep events"
-    assert few & set(seq.train["users"].tolist())
+    df = ds.interactions
+    for u in few:  # all their deep events train, the last one included
+        last = df[(df.user == u) & (df.level == 1)].iloc[-1]
+        rows = seq.train["users"] == u
+        targets = zip(seq.train["targets"][rows].flatten().tolist(), seq.train["target_times"][rows].flatten().tolist())
+        assert (last["item"], last["timestamp"]) in set(targets), u
 
 
 def test_training_targets_never_include_validation_or_test_events():
