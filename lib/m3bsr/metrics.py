@@ -17,8 +17,7 @@ def ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """
     scores = scores.float()
     t = scores.gather(1, target[:, None])
-    others_ge = (scores >= t) | scores.isnan()
-    r = others_ge.sum(1) - (~t.isnan()[:, 0]).long() + 1  # the target itself counts in others_ge unless NaN
+    r = ((scores >= t) | scores.isnan()).sum(1)  # the target counts itself: 1 + the others at or above it
     return torch.where(t[:, 0].isnan(), torch.full_like(r, scores.shape[1]), r)
 
 

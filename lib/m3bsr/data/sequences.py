@@ -140,11 +140,3 @@ def _ragged(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     values = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
     return torch.from_numpy(ptr), torch.from_numpy(values)
 
-
-def batches(split: dict[str, torch.Tensor], batch_size: int, generator: torch.Generator | None = None):
-    """Yield row batches; shuffled with ``generator`` when one is given."""
-    n = len(split["users"])
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    for i in range(0, n, batch_size):
-        idx = order[i:i + batch_size]
-        yield {k: v[idx] for k, v in split.items()}
