@@ -309,9 +309,11 @@ def test_corrupted_negatives_cache_is_redrawn_atomically(tmp_path):
     seq = SequenceData(ds, max_len=5, min_deep=3)
     first = sampled_negatives(seq, "test", 2, tmp_path / "cache")
     [path] = list((tmp_path / "cache").iterdir())
-    out_of_range = io.BytesIO()
+    out_of_range, wrong_shape = io.BytesIO(), io.BytesIO()
     np.save(out_of_range, first.numpy() + 2 ** 31)  # well-formed, but no such items
-    for corrupted in (path.read_bytes()[:20], b"", b"\x93NUMPY garbage", out_of_range.getvalue()):
+    np.save(wrong_shape, first.numpy()[:, :1])  # well-formed, but one negative per row, not 2
+    for corrupted in (path.read_bytes()[:20], b"", b"\x93NUMPY garbage", out_of_range.getvalue(),
+                      wrong_shape.getvalue()):
         path.write_bytes(corrupted)
         assert np.array_equal(sampled_negatives(seq, "test", 2, tmp_path / "cache"), first)
         assert [p.name for p in (tmp_path / "cache").iterdir()] == [path.name]  # rewritten, no temporary left

@@ -12,6 +12,8 @@ import torch
 from m3bsr import train
 from m3bsr.cli import main
 from m3bsr.config import ConfigError, make_config
+from m3bsr.data.sequences import SequenceData
+from m3bsr.data.sources import load_csv
 from m3bsr.models.registry import MODELS
 from m3bsr.train import CheckpointError, Trainer, kept_host_memory, load_checkpoint, save_checkpoint
 
@@ -337,7 +339,9 @@ def test_test_is_evaluated_once_from_the_best_checkpoint(tmp_path, monkeypatch):
 
 
 def test_negatives_are_unseen_items_shared_by_models_and_popularity_counts_training_targets(tmp_path):
-    a, b = Trainer(ci_config(tmp_path, model="pop")), Trainer(ci_config(tmp_path, seed=3))
+    # b draws its own (another cache folder): the same items, from the fixed negatives seed
+    a = Trainer(ci_config(tmp_path, model="pop"))
+    b = Trainer(ci_config(tmp_path, seed=3, cache_dir=str(tmp_path / "b")))
     for split in ("valid", "test"):
         neg, rows = a.negatives[split], a.seq.split(split)
         assert torch.equal(neg, b.negatives[split])
@@ -376,6 +380,14 @@ def test_negatives_avoid_items_met_in_any_behaviour_and_never_repeat(tmp_path):
             assert not set(neg[r].tolist()) & met[u]
             if tr.ds.n_items - len(met[u]) >= neg.shape[1]:
                 assert len(set(neg[r].tolist())) == neg.shape[1]
+
+
+def test_a_user_who_met_every_item_gets_negatives_other_than_the_target(tmp_path):
+    csv = tmp_path / "log.csv"
+    csv.write_text("user_id,item_id,behavior,timestamp\nu1,a,buy,1\nu1,b,buy,2\nu1,c,buy,3\nu1,d,buy,4\n")
+    seq = SequenceData(load_csv(csv, deep="buy"), max_len=5, min_deep=3)
+    neg, target = train.sampled_negatives(seq, "test", 20, tmp_path / "cache"), int(seq.test["targets"][0, 0])
+    assert neg.shape == (1, 20) and set(neg[0].tolist()) == {1, 2, 3, 4} - {target}
 
 
 def _target_stub(n_items: int, value: float) -> torch.nn.Module:
@@ -518,11 +530,13 @@ def test_bf16_trains_under_autocast(tmp_path):
 
 
 def test_max_steps_stops_after_exactly_that_many_steps(tmp_path):
-    """Catches one optimiser step more than max_steps."""
-    tr = Trainer(ci_config(tmp_path, max_steps=3, epochs=5, batch_size=16))
+    """Catches one optimiser step more than max_steps, and a last epoch (cut short by max_steps)
+    left unvalidated because eval_every does not divide it."""
+    tr = Trainer(ci_config(tmp_path, max_steps=3, epochs=5, batch_size=16, eval_every=2))
     assert (len(tr.seq.train["users"]) + 15) // 16 > 3  # an epoch is longer than the budget
     tr.fit()
     assert tr.steps == 3 and tr.epoch == 1
+    assert "valid_NDCG@10" in tr.history[-1] and tr.best_epoch == 1
 
 
 @pytest.mark.parametrize("eval_every, values, stop, best", [
