@@ -616,8 +616,6 @@ class Trainer:
                         save_checkpoint(self.out / "last.pt", state)  # after best.pt: a resume redoes this epoch
                         self._write_history()
                     self.dist.barrier()
-                if t.max_steps is not None and self.steps >= t.max_steps:
-                    break
             if self.best_model is not None:
                 self.model.load_state_dict(self.best_model)
             elif self.out is not None and self.best_epoch > 0:  # resumed after the best epoch
