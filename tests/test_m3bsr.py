@@ -786,18 +786,38 @@ def test_attention_matches_multi_head_attention_written_out():
 
 def test_block_is_pre_ln_with_residuals_around_attention_and_feed_forward():
     """Catches the residual taken from the normalised input, the feed-forward net applied without its
-    LayerNorm, and self-attention keys read from the raw instead of the normalised input."""
+    LayerNorm, self-attention keys read from the raw instead of the normalised input, and a
+    cross-attention condition used without its own LayerNorm."""
     from m3bsr.models.layers import Block, causal_mask
     torch.manual_seed(0)
     blk = Block(8, 2, 0.0).eval()
     with torch.no_grad():  # LayerNorms that are not the identity, so that a missing one shows
-        for ln in (blk.ln1, blk.ln2):
+        for ln in (blk.ln1, blk.ln2, blk.ln_c):
             ln.weight.uniform_(0.5, 1.5), ln.bias.uniform_(-0.5, 0.5)
     x = 3 * torch.randn(2, 5, 8) + 1
     mask = causal_mask(5)
     h = blk.ln1(x)
     y = x + blk.att(h, h, mask)
     assert torch.allclose(blk(x, mask), y + blk.ff(blk.ln2(y)), atol=1e-5)
+    c = 3 * torch.randn(2, 7, 8) - 1
+    y = x + blk.att(h, blk.ln_c(c), None)
+    assert torch.allclose(blk(x, None, c), y + blk.ff(blk.ln2(y)), atol=1e-5)
+
+
+def test_feature_projection_standardises_each_column_over_the_items_that_have_the_modality():
+    """Frozen features enter as z-scores per column, mean and std over the items with the modality
+    only; the others (and padding) hold zeros and get the learned 'missing' vector."""
+    from m3bsr.models.layers import FeatureProjection
+    feats = torch.randn(9, 4) * torch.tensor([1.0, 5.0, 0.1, 2.0]) + torch.tensor([0.0, 3.0, -1.0, 10.0])
+    mask = torch.ones(9, dtype=torch.bool)
+    mask[[0, 4]] = False
+    feats[4] = 100.0  # a missing item's row must not move the statistics
+    fp = FeatureProjection(feats, mask, 6)
+    z = fp.features[mask]
+    assert torch.allclose(z.mean(0), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(z.std(0), torch.ones(4), atol=1e-4)
+    assert (fp.features[~mask] == 0).all()
+    assert torch.equal(fp(torch.tensor([4])), fp.missing[None])
 
 
 def test_transformer_rows_equal_the_gathered_full_output():
