@@ -348,6 +348,7 @@ def test_negatives_are_unseen_items_shared_by_models_and_popularity_counts_train
         for r, u in enumerate(rows["users"].tolist()):
             assert not set(neg[r].tolist()) & set(a.seq.seen[u].tolist())  # never an item the user met
             assert int(rows["targets"][r, 0]) not in neg[r].tolist()
+    assert torch.equal(a.negatives["valid"], a.negatives["test"])  # per user: the same for both rows
     expected = torch.bincount(a.seq.train["targets"].flatten(), minlength=a.ds.n_items + 1).float()
     expected[0] = 0
     assert torch.equal(a.info.item_counts, expected), "item statistics count training targets only"
