@@ -8,12 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from m3bsr.config import ConfigError, DataConfig, make_config
 from m3bsr.data import features as F
 from m3bsr.data import sources
-from m3bsr.data.schema import DataError
+from m3bsr.data.schema import DataError, Dataset
 from m3bsr.data.sources import load_csv, load_dataset, resolve_data_root
 from m3bsr.data.synthetic import make_synthetic
 
@@ -579,16 +580,31 @@ def test_validate_refuses_each_broken_invariant():
             ds.validate()
 
 
-def test_fingerprint_covers_timestamps_level_names_and_masks():
-    """Catches a dataset fingerprint (negatives cache, checkpoints) blind to timestamps, level names or masks."""
+def test_fingerprint_covers_timestamps_level_names_features_and_masks():
+    """Catches a dataset fingerprint (negatives cache, checkpoints) blind to timestamps, level names,
+    feature values or masks."""
     cfg = make_config("ci", {"syn_users": 20}).data
     base = make_synthetic(cfg).fingerprint()
     for change in (lambda ds: ds.interactions.__setitem__("timestamp", ds.interactions["timestamp"] + 1),
                    lambda ds: setattr(ds, "levels", ["view", "buy"]),
+                   lambda ds: ds.features["text"].__setitem__((1, 0), ds.features["text"][1, 0] + 1),
                    lambda ds: ds.feature_mask["image"].__setitem__(1, False)):
         ds = make_synthetic(cfg)
         change(ds)
         assert ds.fingerprint() != base
+
+
+def test_dataset_stats_by_hand():
+    """Catches density over all events instead of distinct (user, item) pairs or over items alone,
+    the mean or the minimum given as the median or the maximum, and a level counted with the ones below."""
+    events = [(0, 1, 0, 1), (1, 1, 0, 1), (1, 1, 1, 1),  # events per user 1, 2, 6: median 2, mean 3
+              (2, 1, 0, 1), (2, 2, 0, 2), (2, 2, 1, 2), (2, 3, 0, 3), (2, 4, 0, 4), (2, 4, 1, 5)]
+    df = pd.DataFrame(events, columns=["user", "item", "level", "timestamp"])
+    stats = Dataset("toy", df, ["click", "favor"], n_users=3, n_items=4).validate().stats()
+    assert stats == {"dataset": "toy", "users": 3, "items": 4, "events": 9, "#click": 6, "#favor": 3,
+                     "seq_len_median": 2.0, "seq_len_mean": 3.0, "seq_len_max": 6,
+                     "density": 0.5,  # 6 distinct (user, item) pairs of 3 x 4
+                     "modalities": "-"}
 
 
 def test_feature_cache_creates_nested_folders(tmp_path):
