@@ -12,6 +12,7 @@ import torch
 from m3bsr import train
 from m3bsr.cli import main
 from m3bsr.config import ConfigError, make_config
+from m3bsr.data.schema import DataError
 from m3bsr.data.sequences import SequenceData
 from m3bsr.data.sources import load_csv
 from m3bsr.models.registry import MODELS
@@ -390,6 +391,20 @@ def test_a_user_who_met_every_item_gets_negatives_other_than_the_target(tmp_path
     neg, target = train.sampled_negatives(seq, "test", 20, tmp_path / "cache"), int(seq.test["targets"][0, 0])
     assert neg.shape == (1, 20) and set(neg[0].tolist()) == {1, 2, 3, 4} - {target}
 
+
+@pytest.mark.parametrize("buys, hint", [(2, True), (1, False)])
+def test_no_evaluable_user_names_the_most_deep_events_any_user_has(tmp_path, buys, hint):
+    """Catches the error saying only that nobody reaches min_deep: it must give the best user's count of deep events,
+    and point at min_deep=<that count> when it is at least 2 (which then evaluates those users)."""
+    rows = [f"u{u},i{k},{'buy' if k < buys else 'pv'},{k}" for u in range(3) for k in range(4)]
+    (tmp_path / "log.csv").write_text("user_id,item_id,behavior,timestamp\n" + "\n".join(rows) + "\n")
+    cfg = ci_config(tmp_path, dataset="csv", data_file=str(tmp_path / "log.csv"), deep="buy", sampled_negatives=0)
+    with pytest.raises(DataError, match=f"no user has 3 or more events of the deep level 'deep', the most any user has is {buys}:") as err:
+        Trainer(cfg)
+    assert ("min_deep=2" in str(err.value)) == hint
+    if hint:
+        cfg.set("min_deep", 2)
+        assert Trainer(cfg).seq.n_eval_users == 3
 
 def _target_stub(n_items: int, value: float) -> torch.nn.Module:
     """A model scoring each row's target ``value`` and every other item 0."""

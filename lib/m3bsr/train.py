@@ -422,8 +422,11 @@ class Trainer:
             self.ds = dataset if dataset is not None else load_data(cfg)
             self.seq = SequenceData(self.ds, cfg.data.max_len, cfg.data.min_deep)
             if self.seq.n_eval_users == 0:
-                raise DataError(f"no user has {cfg.data.min_deep} or more deep events: nothing to evaluate",
-                                file=self.ds.name)
+                df = self.ds.interactions
+                most = int((df["level"] == self.ds.n_levels - 1).groupby(df["user"]).sum().max())
+                hint = f" (--set min_deep={most} evaluates the users who have {most})" if most >= 2 else ""
+                raise DataError(f"no user has {cfg.data.min_deep} or more events of the deep level {self.ds.levels[-1]!r}, "
+                                f"the most any user has is {most}: nothing to evaluate{hint}", file=self.ds.name)
             self.negatives = {s: sampled_negatives(self.seq, s, n, cache) for s in ("valid", "test")} if n else {}
         set_seed(cfg.train.seed)
         self.info = data_info(self.ds, self.seq)
