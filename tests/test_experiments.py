@@ -139,7 +139,7 @@ def test_a_failing_parallel_run_raises_here(tmp_path):
 def test_default_jobs_one_per_core_as_memory_allows(monkeypatch):
     assert 1 <= experiments.default_jobs("cpu") <= torch.get_num_threads()
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
-    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 16 * 2**30 // 4096}  # 16 GiB: two runs of 6 GiB
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": (2 * experiments.RUN_MEMORY + 2**30) // 4096}  # two runs fit
     monkeypatch.setattr(experiments.os, "sysconf", pages.__getitem__)
     assert experiments.default_jobs("cpu") == 2
     pages["SC_PHYS_PAGES"] *= 8
