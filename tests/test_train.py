@@ -399,12 +399,14 @@ def test_no_evaluable_user_names_the_most_deep_events_any_user_has(tmp_path, buy
     rows = [f"u{u},i{k},{'buy' if k < buys else 'pv'},{k}" for u in range(3) for k in range(4)]
     (tmp_path / "log.csv").write_text("user_id,item_id,behavior,timestamp\n" + "\n".join(rows) + "\n")
     cfg = ci_config(tmp_path, dataset="csv", data_file=str(tmp_path / "log.csv"), deep="buy", sampled_negatives=0)
-    with pytest.raises(DataError, match=f"no user has 3 or more events of the deep level 'deep', the most any user has is {buys}:") as err:
+    expected = f"no user has 3 or more events of the deep level 'deep', the most any user has is {buys}:"
+    with pytest.raises(DataError, match=expected) as err:
         Trainer(cfg)
     assert ("min_deep=2" in str(err.value)) == hint
     if hint:
         cfg.set("min_deep", 2)
         assert Trainer(cfg).seq.n_eval_users == 3
+
 
 def _target_stub(n_items: int, value: float) -> torch.nn.Module:
     """A model scoring each row's target ``value`` and every other item 0."""

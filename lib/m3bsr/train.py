@@ -425,8 +425,9 @@ class Trainer:
                 df = self.ds.interactions
                 most = int((df["level"] == self.ds.n_levels - 1).groupby(df["user"]).sum().max())
                 hint = f" (--set min_deep={most} evaluates the users who have {most})" if most >= 2 else ""
-                raise DataError(f"no user has {cfg.data.min_deep} or more events of the deep level {self.ds.levels[-1]!r}, "
-                                f"the most any user has is {most}: nothing to evaluate{hint}", file=self.ds.name)
+                raise DataError(f"no user has {cfg.data.min_deep} or more events of the deep level "
+                                f"{self.ds.levels[-1]!r}, the most any user has is {most}: nothing to evaluate{hint}",
+                                file=self.ds.name)
             self.negatives = {s: sampled_negatives(self.seq, s, n, cache) for s in ("valid", "test")} if n else {}
         set_seed(cfg.train.seed)
         self.info = data_info(self.ds, self.seq)
