@@ -1,7 +1,8 @@
 """Data pipeline: real-data statistics, synthetic ground truth, bad input, feature cache.
 
-Real-data tests skip when no data root is found (set M3BSR_DATA). The heavy encoders only run on a
-handful of items; full encoding never runs here.
+Real-data tests (``@pytest.mark.dataset``, tests/conftest.py) skip when their dataset is not under the
+data root, and fail instead under M3BSR_REQUIRE_DATA=1. The heavy encoders only run on a handful of
+items; full encoding never runs here.
 """
 from __future__ import annotations
 
@@ -17,12 +18,6 @@ from m3bsr.data import sources
 from m3bsr.data.schema import DataError, Dataset
 from m3bsr.data.sources import load_csv, load_dataset, resolve_data_root
 from m3bsr.data.synthetic import make_synthetic
-
-try:
-    ROOT = resolve_data_root()
-except DataError:
-    ROOT = None
-needs_data = pytest.mark.skipif(ROOT is None, reason="no data root (set M3BSR_DATA)")
 
 
 def level_counts(ds) -> dict[str, int]:
@@ -44,7 +39,7 @@ def raises_at(fn, file_name: str, line: int | None, *words: str) -> str:
 
 # ----------------------------------------------------------------------------- real data statistics
 
-@needs_data
+@pytest.mark.dataset("ml-100k-mm")
 def test_ml_100k_statistics():
     ds = load_dataset(DataConfig(dataset="ml-100k-mm"), features=False)
     assert (ds.n_users, ds.n_items, ds.levels) == (943, 1682, ["click", "favor"])
@@ -53,19 +48,19 @@ def test_ml_100k_statistics():
     fav = df[df.level == 1][["user", "item", "timestamp"]]
     clicks = df[df.level == 0][["user", "item", "timestamp"]]
     assert len(fav.merge(clicks)) == len(fav)  # every favor is also a click at the same time
-    posters = ROOT / "ml-100k-mm" / "posters"
+    posters = resolve_data_root() / "ml-100k-mm" / "posters"
     assert sum((posters / f"{i}.jpg").is_file() for i in ds.item_ids[1:]) == 1663
     assert ds.item_labels[1:].tolist().count(None) == 0 and "Comedy" in set(ds.item_labels[1:])
 
 
-@needs_data
+@pytest.mark.dataset("ml-latest-small-mm")
 def test_ml_latest_small_statistics():
     ds = load_dataset(DataConfig(dataset="ml-latest-small-mm"), features=False)
     assert (ds.n_users, ds.n_items) == (610, 9724)
     assert level_counts(ds) == {"click": 100836, "favor": 48580}
 
 
-@needs_data
+@pytest.mark.dataset("rec-tmall")
 def test_rec_tmall_statistics_and_text(tmp_path):
     ds = load_dataset(DataConfig(dataset="rec-tmall", cache_dir=str(tmp_path)))
     assert (ds.n_users, ds.n_items) == (836, 554)
@@ -78,7 +73,7 @@ def test_rec_tmall_statistics_and_text(tmp_path):
     assert level_counts(ds) == {"click": 4474 + 358 + 5, "deep": 7}
 
 
-@needs_data
+@pytest.mark.dataset("taobao-ub")
 def test_taobao_statistics():
     ds = load_dataset(DataConfig(dataset="taobao-ub"))
     assert ds.levels == ["pv", "deep"] and level_counts(ds) == {"pv": 3926, "deep": 190 + 128 + 77}
@@ -87,14 +82,50 @@ def test_taobao_statistics():
     assert level_counts(ds) == {"pv": 3926, "cart": 190, "fav,buy": 128 + 77}
 
 
-@needs_data
+@pytest.mark.dataset("ml-100k-mm")
 def test_real_encoders_on_a_handful(capsys):
     x = F.encode_texts(["Toy Story (1995). Animation, Comedy.", "GoldenEye (1995). Action.", "Heat"])
     assert x.shape == (3, 384) and x.dtype == np.float32 and np.isfinite(x).all()
     F._image_model.cache_clear()  # load it here: its loading message must not reach stdout (the CLI's JSON)
-    y = F.encode_images([ROOT / "ml-100k-mm" / "posters" / f"{i}.jpg" for i in (1, 2)])
+    y = F.encode_images([resolve_data_root() / "ml-100k-mm" / "posters" / f"{i}.jpg" for i in (1, 2)])
     assert y.shape == (2, 1280) and np.isfinite(y).all() and not np.allclose(y[0], y[1])
     assert capsys.readouterr().out == ""
+
+
+def test_dataset_missing_names_the_dataset_what_is_missing_and_where_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("M3BSR_DATA", raising=False)
+    msg = sources.dataset_missing("rec-tmall", tmp_path)
+    assert "rec-tmall" in msg and "rec-tmall-sample/ missing" in msg and "data/README.md" in msg and "\n" not in msg
+    folder = tmp_path / "rec-tmall-sample"
+    folder.mkdir()
+    (folder / sources.TMALL_LOG).write_text("x")
+    assert f"rec-tmall-sample/{sources.TMALL_PRODUCT} missing" in sources.dataset_missing("rec-tmall", tmp_path)
+    (folder / sources.TMALL_PRODUCT).write_text("x")
+    assert sources.dataset_missing("rec-tmall", tmp_path) is None
+    monkeypatch.setenv("M3BSR_DATA", str(tmp_path))
+    assert sources.dataset_missing("rec-tmall") is None, "the data root resolves as loading resolves it"
+    assert sources.dataset_missing("synthetic", tmp_path / "nope") is None, "synthetic needs no files"
+    assert "not a folder" in sources.dataset_missing("taobao-ub", tmp_path / "nope")
+    with pytest.raises(DataError, match="unknown dataset 'movielens'"):
+        sources.dataset_missing("movielens")
+
+
+@pytest.mark.parametrize("require", [False, True])
+def test_a_real_data_test_skips_with_its_reason_or_fails_when_data_is_required(require):
+    """Catches a real-data test that errors without its data, skips without naming why, or skips under
+    M3BSR_REQUIRE_DATA=1 (CI), where a data root gone missing must fail the suite."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "M3BSR_DATA": "/nonexistent", "M3BSR_REQUIRE_DATA": "1" if require else "0"}
+    test = f"{__file__}::test_taobao_statistics"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", test], env=env, capture_output=True,
+                         text=True, cwd=Path(__file__).parents[1], timeout=300)
+    assert run.returncode == (1 if require else 0), run.stdout + run.stderr
+    line = "dataset taobao-ub not available (/nonexistent: data root given by M3BSR_DATA is not a folder); " \
+           "see data/README.md, 'Where to get each dataset'"
+    assert (f"M3BSR_REQUIRE_DATA=1: {line}" if require else f"SKIPPED [1] tests/test_data.py:") in run.stdout
+    assert line in run.stdout
 
 
 def test_data_root_resolution(tmp_path, monkeypatch):

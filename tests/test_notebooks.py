@@ -12,6 +12,7 @@ import nbformat
 import pytest
 
 from m3bsr import viz
+from m3bsr.data.sources import dataset_missing
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -25,6 +26,9 @@ CI_FIGURES = {
     "05_ablations": ["05_ablations", "05_contrastive", "05_steps", "05_robustness"],
     "06_denoising_figures": ["06_tsne", "06_umap", "06_tsne_ml-100k-mm", "06_umap_ml-100k-mm"],
 }
+# figures drawn from a real dataset: expected only where it is under the data root (always under M3BSR_REQUIRE_DATA=1)
+FIGURE_DATASET = {"01_poster_neighbours": "ml-100k-mm", "06_tsne_ml-100k-mm": "ml-100k-mm",
+                  "06_umap_ml-100k-mm": "ml-100k-mm"}
 ids = [p.stem for p in NOTEBOOKS]
 
 
@@ -162,8 +166,10 @@ def test_paths_resolve_against_the_repository_not_the_working_folder(tmp_path, m
 def test_ci_run_wrote_figures():
     build = REPO / os.environ["M3BSR_CI_BUILD"]
     figures = build / "figures"
+    required = os.environ.get("M3BSR_REQUIRE_DATA") == "1"
     for nb in sorted((build / "notebooks").glob("[0-9][0-9]_*.ipynb")):
-        expected = CI_FIGURES.get(nb.stem, [])
+        expected = [stem for stem in CI_FIGURES.get(nb.stem, [])
+                    if required or stem not in FIGURE_DATASET or not dataset_missing(FIGURE_DATASET[stem])]
         written = sorted(figures.glob(f"{nb.stem[:2]}_*.png"))
         assert written, f"{nb.name} wrote no figure"
         for stem in expected:

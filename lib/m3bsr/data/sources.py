@@ -47,6 +47,15 @@ TMALL_ACTIONS = ["click", "collect", "cart", "alipay"]
 TAOBAO_BEHAVIOURS = ["pv", "fav", "cart", "buy"]
 TMALL_LOG = "sam_tianchi_2014002_rec_tmall_log.csv"
 TMALL_PRODUCT = "sam_tianchi_2014001_rec_tmall_product.csv"
+TAOBAO_LOG = "UserBehavior_sample.csv"
+# dataset -> (its folder under the data root, the files its loader reads there; "posters/": the poster folder)
+LAYOUT: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ml-100k-mm": ("ml-100k-mm", ("u.data", "items.csv", "posters/")),
+    "ml-latest-small-mm": ("ml-latest-small-mm", ("ratings.csv", "movies.csv", "tags.csv", "posters/")),
+    "rec-tmall": ("rec-tmall-sample", (TMALL_LOG, TMALL_PRODUCT)),
+    "taobao-ub": ("taobao-userbehavior-sample", (TAOBAO_LOG,)),
+}
+GET_DATA = "data/README.md, 'Where to get each dataset'"
 
 
 # ----------------------------------------------------------------------------- data root
@@ -64,6 +73,28 @@ def resolve_data_root(root: str | Path | None = None) -> Path:
         return fallback
     raise DataError("no data root: set --data-root (data_root=...) or the M3BSR_DATA environment variable "
                     "to the folder holding the datasets; see data/README.md for downloads and layout")
+
+
+def dataset_missing(name: str, data_root: str | Path | None = None) -> str | None:
+    """None when every file of dataset ``name`` (:data:`LAYOUT`) is under the data root, else a one-line
+    message naming the dataset, what is missing and where to get it (why a test or notebook cell skips).
+
+    ``data_root`` is resolved as :func:`resolve_data_root` does; ``synthetic`` needs no files (None).
+    """
+    if name == "synthetic":
+        return None
+    if name not in LAYOUT:
+        raise DataError(f"unknown dataset {name!r}; expected synthetic or one of {', '.join(LAYOUT)}")
+    try:
+        root = resolve_data_root(data_root)
+    except DataError as e:
+        return f"dataset {name} not available ({e}); see {GET_DATA}"
+    folder, files = LAYOUT[name]
+    missing = [f for f in files if not (root / folder / f).exists()]
+    if not missing:
+        return None
+    what = f"{folder}/" if not (root / folder).is_dir() else ", ".join(f"{folder}/{f}" for f in missing)
+    return f"dataset {name} not available ({what} missing under the data root {root}); see {GET_DATA}"
 
 
 def _folder(root: Path, name: str) -> Path:
@@ -411,7 +442,7 @@ def load_rec_tmall(folder: str | Path, deep: str | None = None, levels: str | No
 def load_taobao(folder: str | Path, deep: str | None = None, levels: str | None = None) -> Dataset:
     """Taobao UserBehavior (no header): user_id, item_id, category_id, behavior in {pv, fav, cart,
     buy}, unix_ts. Levels default to pv | deep = fav,cart,buy. item_labels = category id. No modalities."""
-    t = read_table(Path(folder) / "UserBehavior_sample.csv", ["user_id", "item_id", "category_id", "behavior", "timestamp"],
+    t = read_table(Path(folder) / TAOBAO_LOG, ["user_id", "item_id", "category_id", "behavior", "timestamp"],
                    header=False)
     names, sets = behaviour_levels(TAOBAO_BEHAVIOURS, deep, levels, default_deep="fav,cart,buy",
                                    shallow_name="pv", what="Taobao UserBehavior")
@@ -499,13 +530,11 @@ def _load(cfg: DataConfig, features: bool) -> Dataset:
             raise DataError("dataset=csv needs data_file=<path to a CSV with user_id,item_id,behavior,timestamp>")
         return load_csv(cfg.data_file, cfg.deep, cfg.levels)
     loaders = {
-        "ml-100k-mm": lambda root: load_ml_100k(_folder(root, "ml-100k-mm"), cfg.favor_threshold, features, cfg.cache_dir),
-        "ml-latest-small-mm": lambda root: load_ml_latest_small(_folder(root, "ml-latest-small-mm"), cfg.favor_threshold,
-                                                                features, cfg.cache_dir),
-        "rec-tmall": lambda root: load_rec_tmall(_folder(root, "rec-tmall-sample"), cfg.deep, cfg.levels, features,
-                                                 cfg.cache_dir),
-        "taobao-ub": lambda root: load_taobao(_folder(root, "taobao-userbehavior-sample"), cfg.deep, cfg.levels),
+        "ml-100k-mm": lambda folder: load_ml_100k(folder, cfg.favor_threshold, features, cfg.cache_dir),
+        "ml-latest-small-mm": lambda folder: load_ml_latest_small(folder, cfg.favor_threshold, features, cfg.cache_dir),
+        "rec-tmall": lambda folder: load_rec_tmall(folder, cfg.deep, cfg.levels, features, cfg.cache_dir),
+        "taobao-ub": lambda folder: load_taobao(folder, cfg.deep, cfg.levels),
     }
     if name not in loaders:
         raise DataError(f"unknown dataset {name!r}; expected one of synthetic, csv, {', '.join(loaders)}")
-    return loaders[name](resolve_data_root(cfg.data_root))
+    return loaders[name](_folder(resolve_data_root(cfg.data_root), LAYOUT[name][0]))
