@@ -1,20 +1,27 @@
-"""Command line: ``python -m m3bsr train | evaluate | stats | bench``.
+"""Command line: ``python -m m3bsr train | evaluate | stats | bench | config | check-data``.
 
     python -m m3bsr train --dataset ml-100k-mm --model m3bsr --profile default --seed 0 --out runs/x
     python -m m3bsr train --data-file my.csv --deep buy --model sasrec --profile ci --out runs/y
     python -m m3bsr evaluate --run runs/x [--set inference_steps=5]
     python -m m3bsr bench --size full --device cpu --out results/bench   # performance ratios (bench.py)
+    python -m m3bsr config --profile ci [--set T=5]   # every config field: value, type, allowed values
+    python -m m3bsr check-data [--data-root DIR]      # the datasets' layout and SHA-256 checksums
     torchrun --nproc_per_node=2 -m m3bsr train ...   # data-parallel (gloo on CPU, nccl on CUDA)
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import io
 import json
 import os
 import sys
+import tokenize
 
-from .config import PROFILES, ConfigError, make_config
+from .config import ABOVE, CHOICES, PROFILES, RANGES, Config, ConfigError, make_config
 from .data.schema import DataError
+from .models.registry import MODELS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one model on one dataset and write <out>/metrics.json")
     _data_arguments(t)
-    t.add_argument("--model", required=True)
+    t.add_argument("--model", required=True, choices=sorted(MODELS))
     t.add_argument("--seed", type=int)
     t.add_argument("--epochs", type=int)
     t.add_argument("--device", help="auto | cpu | cuda[:N]")
@@ -55,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, help="rows of the training batch (default: the size's, full: 256)")
     b.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     b.add_argument("--compile", action="store_true", help="also time torch.compile'd train steps (minutes to compile)")
+
+    c = sub.add_parser("config", help="print every config field of a profile: value, type, allowed values, meaning")
+    c.add_argument("--profile", default="default", choices=sorted(PROFILES))
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="show the config with this override")
+
+    d = sub.add_parser("check-data", help="check each dataset's files and SHA-256 checksums against the reference "
+                       "copies (exit 1 on a mismatch or a file missing from a present dataset)")
+    d.add_argument("--data-root", help="folder holding the datasets (else $M3BSR_DATA, else ../shared/datasets)")
+    d.add_argument("--all", action="store_true", help="also exit 1 when a dataset is not present at all")
     return p
 
 
@@ -93,9 +109,70 @@ def _config(a: argparse.Namespace):
     return make_config(a.profile, over)
 
 
+def _allowed(name: str, ftype: str) -> str:
+    """The values config field ``name`` accepts (config.CHOICES / RANGES / ABOVE, the model registry)."""
+    if name == "model":
+        allowed = "one of " + ", ".join(sorted(MODELS))
+    elif name in CHOICES:
+        allowed = "one of " + ", ".join(CHOICES[name])
+    elif name in RANGES:
+        lo, hi = RANGES[name]
+        allowed = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+    elif name in ABOVE:
+        allowed = f"> {ABOVE[name]}"
+    elif ftype.startswith("bool"):
+        allowed = "true | false"
+    else:
+        allowed = "-"  # not range-checked by the config
+    return allowed + (" | none" if "None" in ftype else "")
+
+
+def _notes(cls: type) -> dict[str, str]:
+    """Field name -> the comment beside it in config.py (its description there; '' when it has none)."""
+    first: dict[int, str] = {}
+    notes: dict[str, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+        if tok.type == tokenize.NAME:
+            first.setdefault(tok.start[0], tok.string)
+        elif tok.type == tokenize.COMMENT and tok.start[0] in first:
+            notes[first[tok.start[0]]] = tok.string.lstrip("#").strip()
+    return notes
+
+
+def config_table(cfg: Config) -> str:
+    """A table of every field of ``cfg``: ``section.name``, value, type, allowed values, description."""
+    rows = [("field", "value", "type", "allowed", "description")]
+    for section in ("data", "model", "train"):
+        sub = getattr(cfg, section)
+        notes = _notes(type(sub))
+        for f in dataclasses.fields(sub):
+            value = getattr(sub, f.name)
+            shown = "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+            ftype = str(f.type)
+            rows.append((f"{section}.{f.name}", shown, ftype, _allowed(f.name, ftype), notes.get(f.name, "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"profile: {cfg.profile}"]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = _parser()
     a = p.parse_args(argv)
+    try:
+        if a.command == "config":
+            print(config_table(make_config(a.profile, _overrides(a.set))))
+            return 0
+        if a.command == "check-data":
+            from .data.checks import check_data, report  # noqa: PLC0415
+            from .data.sources import resolve_data_root  # noqa: PLC0415
+            root = resolve_data_root(a.data_root)
+            checks, code = check_data(root, require_all=a.all)
+            print(report(checks, root, code))
+            return code
+    except (DataError, ConfigError) as err:
+        print(f"m3bsr: error: {err}", file=sys.stderr)
+        return 2
     if a.command == "evaluate":
         if (a.run is None) == (a.run_folder is None):
             p.error("evaluate: give the run folder once, as RUN or --run RUN")
