@@ -1,11 +1,15 @@
 """The trainer: determinism, exact resume, atomic and verified checkpoints, the CLI end to end."""
 import csv
 import ctypes
+import hashlib
+import io
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,6 +87,46 @@ def test_corrupted_or_truncated_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="checksum"):
         load_checkpoint(path)
     assert not list(tmp_path.glob(".*tmp*")), "no temporary file left behind"
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this object calls open(marker, "w"): code a checkpoint must never run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_checkpoint_carrying_a_pickled_object_is_refused_without_running_it(tmp_path):
+    """Catches checkpoints unpickled with weights_only=False: a valid header and checksum over a payload
+    that would run code must raise CheckpointError before anything runs."""
+    marker = tmp_path / "ran"
+    buf = io.BytesIO()
+    torch.save({"model": {}, "epoch": 1, "extra": _RunsCodeWhenUnpickled(marker)}, buf)
+    payload = buf.getvalue()
+    path = tmp_path / "ck.pt"
+    path.write_bytes(train._MAGIC + hashlib.sha256(payload).digest() + payload)
+    with pytest.raises(CheckpointError, match=r"ck.pt: holds a pickled object .*open.*could run code"):
+        load_checkpoint(path)
+    assert not marker.exists(), "the pickled call ran"
+
+
+def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
+    """Catches an RNG state (python, numpy with a cached Gaussian, torch, the data generator) lost or
+    changed on its way through a weights-only checkpoint."""
+    gen = torch.Generator().manual_seed(5)
+    random.random(), np.random.standard_normal(), torch.rand(1), torch.rand(1, generator=gen)
+    assert np.random.get_state(legacy=False)["has_gauss"] == 1, "a cached Gaussian is part of numpy's state"
+    save_checkpoint(tmp_path / "ck.pt", {"rng": train._rng_state(gen)})
+
+    def draws():
+        return (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist(),
+                torch.rand(3, generator=gen).tolist())
+    first = draws()
+    train._set_rng_state(load_checkpoint(tmp_path / "ck.pt")["rng"], gen)
+    assert draws() == first
 
 
 def test_checkpoint_of_another_config_is_refused(tmp_path):

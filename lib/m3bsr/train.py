@@ -44,8 +44,10 @@ import inspect
 import io
 import json
 import os
+import pickle
 import platform
 import random
+import re
 import sys
 import time
 import warnings
@@ -228,7 +230,9 @@ class _Loss(nn.Module):
 # ---------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Checkpoint file = magic + sha256(payload) + payload, written atomically."""
+    """Checkpoint file = magic + sha256(payload) + payload, written atomically. ``state`` holds only
+    tensors and plain values (dict, list, tuple, str, int, float, bool, None): :func:`load_checkpoint`
+    refuses anything else."""
     buf = io.BytesIO()
     torch.save(state, buf)
     payload = buf.getvalue()
@@ -236,7 +240,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict[str, Any]:
-    """Load and verify a checkpoint; a truncated or corrupted file raises CheckpointError."""
+    """Load and verify a checkpoint; a truncated or corrupted file raises CheckpointError, and so does one
+    holding any pickled object other than tensors and plain values (``torch.load(weights_only=True)``:
+    unpickling such an object could run code)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no checkpoint there")
@@ -246,18 +252,37 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict[str, Any]:
     digest, payload = raw[len(_MAGIC):len(_MAGIC) + 32], raw[len(_MAGIC) + 32:]
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupted); refusing to load it")
-    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+    try:
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it names {found.group(1)}" if found else str(e).splitlines()[0]
+        raise CheckpointError(f"{path}: holds a pickled object that is not a tensor or a plain value ({what}); "
+                              "refusing to unpickle it, as that could run code (a checkpoint saved before the RNG "
+                              "states were stored as plain values holds numpy arrays: train that run again)") from None
 
 
 def _rng_state(gen: torch.Generator) -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every RNG state as tensors and plain values (python: [version, 625 ints, gauss]; numpy: the
+    MT19937 key as 624 ints, its position and cached Gaussian), so checkpoints load with weights_only."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    return {"python": [version, list(internal), gauss],
+            "numpy": {"key": np_state["state"]["key"].tolist(), "pos": int(np_state["state"]["pos"]),
+                      "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "data": gen.get_state()}
 
 
 def _set_rng_state(s: dict[str, Any], gen: torch.Generator) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    """The inverse of :func:`_rng_state`."""
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = s["numpy"]
+    key = np.array(n["key"], dtype=np.uint32)
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": key, "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available():  # saved with more GPUs visible: the first ones' states
         torch.cuda.set_rng_state_all(s["cuda"][:torch.cuda.device_count()])
