@@ -15,7 +15,7 @@ from m3bsr.models.m3bsr import M3BSR
 from m3bsr.models import diffusion
 from m3bsr.models.diffusion import (ConditionalChain, NoisePredictor, Schedule, ddim_step, q_sample, q_step,
                                     x0_estimate)
-from m3bsr.train import Trainer, load_checkpoint
+from m3bsr.train import Trainer, evaluate_run, load_checkpoint
 
 D = 16
 MODES = ("strided", "random_t")
@@ -235,7 +235,7 @@ def test_mode_fields_are_checked_where_they_are_read():
 def test_each_mode_trains_its_predictors_deterministically_and_resumes_exactly(tmp_path, mode):
     """Each mode trains M3BSR on the ci profile: finite losses that fall, every noise predictor's weights
     moved; the same seed gives the same metrics; a run killed after epoch 2 and resumed ends with the
-    uninterrupted run's metrics."""
+    uninterrupted run's metrics. random_t's evaluation start t* can be changed on a trained run."""
     first = Trainer(ci_config(tmp_path, train_mode=mode), tmp_path / "a")
     init = {k: v.clone() for k, v in first.model.state_dict().items()}
     res = first.fit()
@@ -247,6 +247,10 @@ def test_each_mode_trains_its_predictors_deterministically_and_resumes_exactly(t
     assert moved == {f"cdmd.{m}" for m in ("image", "text")} | {f"cdbd.{m}" for m in ("id", "image", "text")}
     assert Trainer(ci_config(tmp_path, train_mode=mode), tmp_path / "b").fit() == res
     assert (tmp_path / "a" / "metrics.json").read_text() == (tmp_path / "b" / "metrics.json").read_text()
+    if mode == "random_t":  # evaluate may move the start t* (ci: T = 5, t* = round(5 / 3) = 2)
+        assert evaluate_run(tmp_path / "a", "cpu", {"random_t_eval_from": "2"})["test"] == res["test"]
+        assert evaluate_run(tmp_path / "a", "cpu", {"random_t_eval_from": "5", "inference_steps": "5"})["test"] \
+            != res["test"]
 
     cut = Trainer(ci_config(tmp_path, train_mode=mode), tmp_path / "cut")
     real_epoch, calls = cut.train_epoch, []
