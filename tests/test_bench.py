@@ -91,6 +91,7 @@ def test_attention_with_dropout_counts_its_backward_without_recomputed_scores():
     ({}, 2),
     (dict(cdbd_condition="concat", cdbd_deeper="all", shared_specific=False, time_embedding=True), 3),
     (dict(modalities="id", router="softmax"), 2),
+    (dict(train_mode="strided", train_steps=2, predictor_residual=False), 2),
 ])
 def test_naive_reference_equals_the_fast_model(kw, levels):
     cfg = ModelConfig(model="m3bsr", d=16, layers=1, heads=2, dropout=0.1, T=4, inference_steps=3, **kw)

@@ -193,11 +193,13 @@ def naive_chain(chain: ConditionalChain, x: torch.Tensor, cond: torch.Tensor, ma
         return x, None
     if not training and chain.eval_mode != "deterministic":
         raise NotImplementedError("the naive reference evaluates in the deterministic mode only")
+    if chain.train_mode == "random_t":
+        raise NotImplementedError("the naive reference runs the chain (train_mode chain or strided) only")
     N, Lq, d = x.shape
     dh = d // p.h
     loss = x.new_zeros((), dtype=torch.float32) if training else None
     h = x
-    for t, a_t, abar_t in chain.schedule.steps(None if training else chain.inference_steps):
+    for t, a_t, abar_t in chain.schedule.steps(chain.train_steps if training else chain.inference_steps):
         eps = torch.randn_like(h) if training else torch.zeros_like(h)
         h_noisy = math.sqrt(a_t) * h + math.sqrt(1 - a_t) * eps  # h~_t
         k, v = p.kv(p.ln_c(cond)).chunk(2, -1)  # the condition's keys/values, recomputed at every step
@@ -211,7 +213,7 @@ def naive_chain(chain: ConditionalChain, x: torch.Tensor, cond: torch.Tensor, ma
             att = q[..., s] @ k[..., s].transpose(-1, -2) / math.sqrt(dh)
             att = att.masked_fill(~mask, float("-inf")).softmax(-1)
             y.append(att @ v[..., s])
-        eps_hat = u + p.o(torch.cat(y, -1))  # eps^_t = CI(h~_t, h^c)
+        eps_hat = p.o(torch.cat(y, -1)) + (u if p.residual else 0)  # eps^_t = CI(h~_t, h^c)
         h_den = (h_noisy - (1 - a_t) / math.sqrt(1 - abar_t) * eps_hat) / math.sqrt(a_t)  # h-_t
         if training:
             diff = h_noisy - h_den if chain.loss_kind == "paper" else eps - eps_hat

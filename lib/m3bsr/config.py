@@ -57,11 +57,15 @@ class ModelConfig:
     dropout: float = 0.2
     # diffusion (M3BSR and DiffuRec)
     T: int = 15  # training diffusion steps (paper: 15)
-    inference_steps: int | None = None  # <= T, strided; None: T
+    train_mode: str = "chain"  # chain: the paper's T-step chain | strided: train_steps strided steps | random_t: DDPM
+    train_steps: int | None = None  # strided: steps of the training chain (<= T); None: round(T / 3)
+    inference_steps: int | None = None  # <= T, strided; None: as trained (T, train_steps; random_t: 1 DDIM step)
+    random_t_eval_from: int | None = None  # random_t: evaluation starts from q(h_t | h_0) at this t; None: round(T / 3)
     schedule: str = "linear"  # linear: beta 1e-4..0.02 (chosen on validation) | cosine: abar_t = cos^2(0.9*pi/2*t/T)
     eval_mode: str = "deterministic"  # deterministic (eps = 0) | stochastic (seeded) | skip
     diffusion_loss: str = "paper"  # paper: ||h~_t - h-_t||^2 | eps: ||eps - eps^_t||^2
-    time_embedding: bool = False  # sinusoidal t-embedding added to the CI query (not in the paper)
+    time_embedding: bool = False  # sinusoidal t-embedding added to the CI query (not in the paper; random_t: always)
+    predictor_residual: bool = True  # eps^ = LN(h~_t) + attention output | false: the attention output alone
     # M3BSR components (ablation switches)
     cdmd: bool = True  # conditional diffusion modality denoising (ID conditions image/text)
     cdbd: bool = True  # conditional diffusion behaviour denoising (deeper conditions shallower)
@@ -164,7 +168,10 @@ class Config:
 
 
 # Fields added after run folders existed: part of the hash only when set away from this default.
-ADDED_FIELDS: dict[str, dict[str, Any]] = {"data": {"deep_noise": 0.0, "deep_keep": 1.0}}
+ADDED_FIELDS: dict[str, dict[str, Any]] = {
+    "data": {"deep_noise": 0.0, "deep_keep": 1.0},
+    "model": {"train_mode": "chain", "train_steps": None, "random_t_eval_from": None, "predictor_residual": True},
+}
 
 # The longest stream (BOS + max_len events) a model's positional table holds.
 MAX_POSITIONS = 512
@@ -177,7 +184,8 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "syn_users": (1, None), "syn_items": (1, None), "syn_clusters": (1, None), "syn_events": (0, None),
     "syn_noise": (0.0, 1.0), "dropout": (0.0, 1.0),
     "d": (1, None), "layers": (0, None), "heads": (1, None), "T": (1, None), "diffurec_T": (1, None),
-    "inference_steps": (1, None),  # <= T is checked when the model is built
+    # <= T (random_t: inference_steps <= random_t_eval_from) is checked when the model is built
+    "inference_steps": (1, None), "train_steps": (1, None), "random_t_eval_from": (1, None),
     "epochs": (0, None), "batch_size": (1, None), "patience": (1, None), "eval_every": (1, None),
     "eval_batch_size": (1, None), "sampled_negatives": (0, None), "max_steps": (1, None),
     "lr": (0.0, None), "weight_decay": (0.0, None), "lambda_c": (0.0, None), "lambda_m": (0.0, None),
@@ -189,7 +197,8 @@ ABOVE: dict[str, float] = {"tau": 0.0}
 CHOICES: dict[str, tuple] = {
     "dataset": ("synthetic", "ml-100k-mm", "ml-latest-small-mm", "rec-tmall", "taobao-ub", "csv"),
     "schedule": ("cosine", "linear"), "eval_mode": ("deterministic", "stochastic", "skip"),
-    "diffusion_loss": ("paper", "eps"), "cdbd_condition": ("same", "concat"), "cdbd_deeper": ("next", "all"),
+    "diffusion_loss": ("paper", "eps"), "train_mode": ("chain", "strided", "random_t"),
+    "cdbd_condition": ("same", "concat"), "cdbd_deeper": ("next", "all"),
     "contrastive_variant": ("apart", "push"), "router": ("gate", "softmax", "mean"),
     "diffurec_schedule": ("trunc_lin", "cosine"),
 }

@@ -678,7 +678,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 # Config fields `evaluate` may change: they leave the trained weights valid.
-EVAL_FIELDS = ("inference_steps", "eval_mode", "eval_batch_size", "mask_seen")
+EVAL_FIELDS = ("inference_steps", "random_t_eval_from", "eval_mode", "eval_batch_size", "mask_seen")
 
 
 def load_trained(cfg: Config, run: str | Path, overrides: dict[str, Any] | None = None,
