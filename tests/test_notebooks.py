@@ -1,4 +1,5 @@
-"""The notebooks: one ``parameters`` cell, fail fast on a bad parameter, committed with real outputs.
+"""The notebooks: one ``parameters`` cell, fail fast on a bad parameter, committed with real outputs,
+run on the project's kernel; ``make reproduce`` writes beside the committed study, never over it.
 
 ``make test`` also executes every notebook under the ci profile with ``pytest --nbval-lax`` (see the
 Makefile) and then runs :func:`test_ci_run_wrote_figures` against what that run wrote
@@ -6,6 +7,8 @@ Makefile) and then runs :func:`test_ci_run_wrote_figures` against what that run 
 """
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import nbformat
@@ -30,6 +33,18 @@ CI_FIGURES = {
 FIGURE_DATASET = {"01_poster_neighbours": "ml-100k-mm", "06_tsne_ml-100k-mm": "ml-100k-mm",
                   "06_umap_ml-100k-mm": "ml-100k-mm"}
 ids = [p.stem for p in NOTEBOOKS]
+KERNEL = "m3bsr"  # the notebooks' Jupyter kernel, installed into .venv by `make install`
+
+
+@pytest.fixture
+def project_kernel():
+    """papermill starts the kernel a notebook names: fail with the fix when it is not installed."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    try:
+        KernelSpecManager().get_kernel_spec(KERNEL)
+    except NoSuchKernel:
+        pytest.fail(f"no Jupyter kernel named {KERNEL!r}: `make install` installs it "
+                    f"(python -m ipykernel install --sys-prefix --name {KERNEL})")
 
 
 def tags(cell) -> list[str]:
@@ -71,9 +86,41 @@ def test_committed_notebook_carries_default_profile_outputs(path):
 
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem[:2] in ("04", "05", "06")], ids=lambda p: p.stem)
 def test_committed_studies_are_the_full_plan(path):
-    """The README's tables and the notebooks' summaries describe the full plan (`make reproduce PLAN=full`)."""
+    """docs/results.md's tables and the notebooks' summaries describe the full plan (`make publish`)."""
     parameters = nbformat.read(path, as_version=4).metadata.get("papermill", {}).get("parameters", {})
     assert parameters.get("plan") == "full"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
+def test_notebook_runs_on_the_project_kernel_and_prints_its_environment(path):
+    nb = nbformat.read(path, as_version=4)
+    assert nb.metadata.kernelspec["name"] == KERNEL and nb.metadata.kernelspec["language"] == "python"
+    cells = [c for c in code_cells(nb) if "injected-parameters" not in tags(c)]
+    assert cells[2].source.startswith("# NBVAL_IGNORE_OUTPUT\nprint(viz.environment(device))"), \
+        "the cell after the validation cell prints the versions and the device"
+    assert f"--name {KERNEL} " in (REPO / "Makefile").read_text(), "make install installs the kernel the notebooks name"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("target, out", [("reproduce", "reproduce"), ("reproduce OUT=/tmp/r1", "/tmp/r1"), ("publish", ".")])
+def test_reproduce_writes_beside_the_committed_study_unless_publishing(target, out):
+    """`make -n` prints the papermill commands: each notebook goes to OUT/notebooks with its figures,
+    tables and runs under OUT; only OUT=. (make publish, the full plan) writes the committed folders."""
+    printed = subprocess.run(["make", "-n", *target.split()], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    commands = [line for line in printed.splitlines() if "-m papermill" in line]
+    assert len(commands) == 1 and "--progress-bar" in commands[0], "one loop over the notebooks, showing progress"
+    command = commands[0]
+    assert f" $nb {out}/notebooks/$(basename $nb) " in command
+    if out == ".":
+        assert "-p plan full" in command and "figures_dir" not in command and "results_dir" not in command
+    else:
+        assert all(f"-p {d}_dir {out}/{d}" in command for d in ("figures", "results", "runs"))
+    assert f"{out}/results results" in subprocess.run(["make", "-n", "compare", f"OUT={out}"], cwd=REPO,
+                                                       capture_output=True, text=True, check=True).stdout
+
+
+def test_reproduction_folder_is_ignored_by_git():
+    assert "reproduce/" in (REPO / ".gitignore").read_text().splitlines()
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
@@ -84,7 +131,7 @@ def test_no_machine_paths_in_committed_cells(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
-def test_unknown_dataset_fails_in_the_validation_cell(path, tmp_path):
+def test_unknown_dataset_fails_in_the_validation_cell(path, tmp_path, project_kernel):
     import papermill
     from papermill.exceptions import PapermillExecutionError
     with pytest.raises(PapermillExecutionError) as err:
@@ -125,7 +172,7 @@ def test_plan_follows_the_profile_unless_given():
         viz.resolve_plan("Full", "paper")
 
 
-def test_quick_plan_runs_end_to_end_under_ci(tmp_path):
+def test_quick_plan_runs_end_to_end_under_ci(tmp_path, project_kernel):
     """`make reproduce` runs notebooks 04-06's quick plan, `make test` their full plan (the ci default):
     this runs the quick one at ci scale and checks it kept what it says it keeps."""
     import pandas as pd

@@ -171,3 +171,89 @@ def test_click_denoising_measures_against_the_favor_centroid():
         return float(torch.nn.functional.cosine_similarity(h[0, 0, i] - mu, centroid, dim=0))
     assert out["cos to favors before"].tolist() == pytest.approx([cos(before, 1), cos(before, 2)])
     assert out["cos gain"].tolist() == pytest.approx([cos(after, 1) - cos(before, 1), cos(after, 2) - cos(before, 2)])
+
+
+# ----------------------------------------------------------------------------- make compare
+
+RUNS_HEADER = "dataset,model,seed,split,best_epoch,train_seconds,NDCG@10,main\n"
+
+
+def write(folder, name, text):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text)
+
+
+def test_compare_matches_rows_by_their_keys_and_ignores_timings_and_missing_rows(tmp_path):
+    """A quick-plan reproduction: fewer rows, in another order, other timings, the same numbers."""
+    committed = RUNS_HEADER + ("synthetic,pop,0,test,-1,,0.065,0.0652 ± 0.0000\n"
+                               "synthetic,m3bsr,0,test,28,31.5,0.1847,0.1891 ± 0.0058\n"
+                               "ml-100k-mm,m3bsr,0,test,27,900.1,0.0512,0.0532 ± 0.0017\n")
+    reproduced = RUNS_HEADER + ("synthetic,m3bsr,0,test,28,40.2,0.1847,0.1891 ± 0.0058\n"
+                                "synthetic,pop,0,test,-1,,0.065,0.0652 ± 0.0000\n")
+    write(tmp_path / "old", "04_runs.csv", committed)
+    write(tmp_path / "new", "04_runs.csv", reproduced)
+    write(tmp_path / "new", "04_train_time.csv", "dataset,model,runs,minutes\nsynthetic,m3bsr,1,9.0\n")
+    write(tmp_path / "old", "04_train_time.csv", "dataset,model,runs,minutes\nsynthetic,m3bsr,3,5.0\n")
+    write(tmp_path / "old", "05_steps.csv", "dataset,T,test NDCG@10\nsynthetic,1,0.19\n")
+    lines, agree = viz.compare_results(tmp_path / "new", tmp_path / "old")
+    assert agree, lines
+    assert "04_runs.csv: 2 rows (1 committed rows not reproduced), all equal" in lines
+    assert "04_train_time.csv: training cost, not compared" in lines and "not reproduced: 05_steps.csv" in lines
+
+
+@pytest.mark.parametrize("row, expected", [
+    ("synthetic,m3bsr,0,test,28,31.5,0.1848,0.1891 ± 0.0058", "NDCG@10 0.1848 (committed 0.1847)"),
+    ("synthetic,m3bsr,0,test,29,31.5,0.1847,0.1891 ± 0.0058", "best_epoch 29 (committed 28)"),
+    ("synthetic,m3bsr,0,test,28,31.5,0.1847,0.1892 ± 0.0058", "main 0.1892 ± 0.0058 (committed 0.1891 ± 0.0058)"),
+    ("synthetic,m3bsr,1,test,28,31.5,0.1847,0.1891 ± 0.0058", "seed=1, split=test: not in the committed table"),
+])
+def test_compare_names_the_table_row_and_column_that_differ(tmp_path, row, expected):
+    write(tmp_path / "old", "04_runs.csv", RUNS_HEADER + "synthetic,m3bsr,0,test,28,31.5,0.1847,0.1891 ± 0.0058\n")
+    write(tmp_path / "new", "04_runs.csv", RUNS_HEADER + row + "\n")
+    lines, agree = viz.compare_results(tmp_path / "new", tmp_path / "old")
+    assert not agree and lines[0].startswith("04_runs.csv: 1 rows") and lines[0].endswith(", 1 differ:")
+    assert expected in lines[1] and lines[1].startswith("  dataset=synthetic, model=m3bsr")
+    assert viz.main(["compare", str(tmp_path / "new"), str(tmp_path / "old")]) == 1
+
+
+def test_compare_tolerance_is_relative_and_exits_zero_on_agreement(tmp_path, capsys):
+    write(tmp_path / "old", "t.csv", "model,NDCG@10\nm3bsr,0.18474947036890305\n")
+    write(tmp_path / "new", "t.csv", "model,NDCG@10\nm3bsr,0.18474947036890306\n")
+    assert viz.main(["compare", str(tmp_path / "new"), str(tmp_path / "old")]) == 1
+    assert viz.main(["compare", str(tmp_path / "new"), str(tmp_path / "old"), "--rtol", "1e-12"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "same numbers as the committed tables"
+
+
+def test_compare_refuses_a_folder_without_tables(tmp_path):
+    with pytest.raises(SystemExit) as err:
+        viz.main(["compare", str(tmp_path / "nothing"), str(tmp_path)])
+    assert err.value.code == 2
+
+
+# ----------------------------------------------------------------------------- notebook display helpers
+
+def test_projection_legend_names_every_colour(tmp_path):
+    xy = {("id", "input"): np.random.default_rng(0).normal(size=(30, 2))}
+    colour = np.arange(30) % 18
+    names = [f"genre {g}" for g in range(18)]
+    fig = viz.plot_projection_pairs(xy, colour, None, {("id", "input"): ""}, "genre", "t", names=names)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == names
+    assert viz.plot_projection_pairs(xy, colour, None, {("id", "input"): ""}, "genre", "t").legends == []
+
+
+def test_screen_png_is_a_smaller_png_at_most_the_screen_width(tmp_path):
+    from PIL import Image
+    fig = viz.plot_projection_pairs({("id", s): np.random.default_rng(1).normal(size=(3000, 2)) for s in viz.STAGES},
+                                    np.arange(3000) % 10, None, {("id", s): "" for s in viz.STAGES}, "c", "t")
+    png = viz.save_figure(fig, "x", tmp_path, dpi=200)[0]
+    small = viz.screen_png(png, width=500)
+    assert small[:8] == b"\x89PNG\r\n\x1a\n" and len(small) < png.stat().st_size / 2
+    import io
+    assert Image.open(io.BytesIO(small)).width == 500
+
+
+def test_environment_names_versions_and_device():
+    import platform
+    line = viz.environment("cpu")
+    assert line.startswith(f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, m3bsr ")
+    assert "; device cpu: " in line and line.endswith((" thread", " threads"))

@@ -1,4 +1,5 @@
-"""What the notebooks share: parameter checks, output folders, figure/table files, plots.
+"""What the notebooks share: parameter checks, output folders, figure/table files, plots; and
+``python -m m3bsr.viz compare`` (``make compare``), a reproduction's tables against the committed ones.
 
 Only the notebooks import this module. Every figure goes through :func:`save_figure` (PNG and
 PDF with fixed metadata, so re-running a notebook rewrites byte-identical files) and every
@@ -103,6 +104,24 @@ def output_dir(path: str | Path | None, default: str) -> Path:
     return p
 
 
+def environment(device: str = "cpu") -> str:
+    """One line naming the versions (python, torch, numpy, m3bsr) and the device ``device`` (a notebook's
+    parameter: auto | cpu | cuda[:N]) resolves to, e.g. ``python 3.11.7, torch 2.13.0, numpy 2.3.1,
+    m3bsr 0.1.0; device cpu: AMD EPYC 7B13 (2 cores), 2 threads``."""
+    import platform  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from . import __version__  # noqa: PLC0415
+    from .bench import _device_name  # noqa: PLC0415
+    from .train import resolve_device  # noqa: PLC0415
+    dev = resolve_device(device)
+    threads = torch.get_num_threads()
+    where = _device_name(dev) + ("" if dev.type == "cuda" else f", {threads} thread{'s' * (threads != 1)}")
+    return (f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
+            f"m3bsr {__version__}; device {dev}: {where}")
+
+
 def save_figure(fig, name: str, folder: str | Path, dpi: int | None = None) -> list[Path]:
     """Write ``<folder>/<name>.png`` (at ``dpi``, default the figure's) and ``.pdf`` with fixed
     metadata, so that re-running a notebook rewrites byte-identical files."""
@@ -114,6 +133,30 @@ def save_figure(fig, name: str, folder: str | Path, dpi: int | None = None) -> l
         fig.savefig(buf, format=path.suffix[1:], bbox_inches="tight", **options)
         atomic_write_bytes(path, buf.getvalue())
     return [png, pdf]
+
+
+SCREEN_WIDTH = 800  # px: the width of a figure shown inside a notebook (the saved PNG keeps its dpi)
+
+
+def screen_png(path: str | Path, width: int = SCREEN_WIDTH) -> bytes:
+    """The PNG at ``path`` scaled down to at most ``width`` pixels wide and stored with a 256-colour
+    palette: a few hundred kB instead of megabytes for a dense scatter plot, for embedding in a notebook."""
+    from PIL import Image  # noqa: PLC0415
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.width > width:
+            im = im.resize((width, round(im.height * width / im.width)), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def show_figure(fig, paths: Sequence[Path], width: int = SCREEN_WIDTH):
+    """Close ``fig`` and return its saved PNG (``paths``, from :func:`save_figure`) as a screen-sized
+    image for the notebook to display (see :func:`screen_png`)."""
+    from IPython.display import Image  # noqa: PLC0415
+    _plt().close(fig)
+    return Image(data=screen_png(next(p for p in paths if Path(p).suffix == ".png"), width))
 
 
 def to_markdown(df: pd.DataFrame, index: bool = True, floatfmt: str = "{:.4g}") -> str:
@@ -770,10 +813,12 @@ def project_2d(x: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
 
 
 def plot_projection_pairs(xy: dict[tuple[str, str], np.ndarray], colour: np.ndarray, marker: np.ndarray | None,
-                          scores: dict[tuple[str, str], str], colour_label: str, title: str):
+                          scores: dict[tuple[str, str], str], colour_label: str, title: str,
+                          names: Sequence[str] | None = None):
     """One row per representation, one column per stage: ``xy[(row, stage)]`` ``(N, 2)``; points
     coloured by the integer label ``colour`` ``(N,)``; where ``marker`` ``(N,)`` is True the point is
-    drawn as a cross (e.g. accidental clicks). ``scores[(row, stage)]`` goes under each panel's title."""
+    drawn as a cross (e.g. accidental clicks). ``scores[(row, stage)]`` goes under each panel's title.
+    ``names[c]`` names colour ``c`` in a legend under the panels (none without ``names``)."""
     plt = _plt()
     rows, stages = list(dict.fromkeys(r for r, _ in xy)), list(dict.fromkeys(s for _, s in xy))
     fig, axes = plt.subplots(len(rows), len(stages), figsize=(3.3 * len(stages), 3.1 * len(rows)), squeeze=False)
@@ -791,6 +836,11 @@ def plot_projection_pairs(xy: dict[tuple[str, str], np.ndarray], colour: np.ndar
             ax.grid(False)
     fig.suptitle(f"{title} (colour: {colour_label}" + (", x: accidental click)" if marker.any() else ")"), fontsize=9)
     fig.tight_layout()
+    if names is not None:
+        from matplotlib.lines import Line2D  # noqa: PLC0415
+        handles = [Line2D([], [], ls="", marker="o", ms=5, mec="none", mfc=cmap(c % cmap.N)) for c in range(len(names))]
+        fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=min(len(names), 6),
+                   fontsize=8, frameon=False)
     return fig
 
 
@@ -842,3 +892,110 @@ def plot_robustness(df: pd.DataFrame, value: str = "test NDCG@10"):
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------- reproduction: make compare
+
+# Columns that name a row rather than measure it, besides the text columns (dataset, model, split, ...).
+KEY_COLUMNS = ("seed", "step", "T", "lambda_c", "value", "bucket", "inference steps", "n levels")
+# Timings differ from machine to machine and run to run: columns so named are not compared, nor are
+# the training-cost tables (whose run counts follow the plan).
+TIMING = re.compile(r"second|time|minute|speed-up|(^|\s)s(\s|$)")
+COST_TABLES = re.compile(r"train_time")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|nan|NaN|-?inf|")
+_MEAN_STD = re.compile(r"[-+]?\d+\.?\d*( ± \d+\.?\d*)?")
+
+
+def _is_value_column(values: pd.Series) -> bool:
+    return bool(values.map(lambda v: bool(_NUMBER.fullmatch(v) or _MEAN_STD.fullmatch(v))).all())
+
+
+def _same(a: str, b: str, rtol: float) -> bool:
+    if a == b:
+        return True
+    try:
+        x, y = float(a or "nan"), float(b or "nan")
+    except ValueError:
+        return False  # text, or "mean ± std" written differently
+    return bool(np.isclose(x, y, rtol=rtol, atol=0.0, equal_nan=True))
+
+
+def compare_table(reproduced: str | Path, committed: str | Path, rtol: float = 0.0) -> tuple[list[str], bool]:
+    """Compare two CSV tables row by row: rows are matched on their key columns (text columns that are
+    not ``mean ± std`` values, and :data:`KEY_COLUMNS`), every other column but the timings
+    (:data:`TIMING`) must hold the same number (``rtol``: relative tolerance). A reproduced row
+    without a committed match is a difference; committed rows the reproduction lacks (a quick plan)
+    are only counted. Returns (lines to print, whether the tables agree)."""
+    new = pd.read_csv(reproduced, dtype=str, keep_default_na=False)
+    old = pd.read_csv(committed, dtype=str, keep_default_na=False)
+    name = Path(reproduced).name
+    if list(new.columns) != list(old.columns):
+        return [f"{name}: columns differ: {list(new.columns)} against the committed {list(old.columns)}"], False
+    keys = [c for c in new.columns if c in KEY_COLUMNS or not _is_value_column(pd.concat([new[c], old[c]]))]
+    values = [c for c in new.columns if c not in keys and not TIMING.search(c)]
+    committed_rows = {tuple(r[keys]): r for _, r in old.iterrows()}
+    lines, agree, matched = [], True, 0
+    for i, row in new.iterrows():
+        key = tuple(row[keys])
+        label = ", ".join(f"{k}={v}" for k, v in zip(keys, key)) or f"row {i + 1}"
+        if key not in committed_rows:
+            lines.append(f"  {label}: not in the committed table")
+            agree = False
+            continue
+        matched += 1
+        ref = committed_rows[key]
+        diffs = [f"{c} {row[c]} (committed {ref[c]})" for c in values if not _same(row[c], ref[c], rtol)]
+        if diffs:
+            lines.append(f"  {label}: " + "; ".join(diffs))
+            agree = False
+    left = len(old) - matched
+    head = (f"{name}: {len(new)} rows" + (f" ({left} committed rows not reproduced)" if left else "")
+            + (", all equal" if agree else f", {len(lines)} differ:"))
+    return [head] + lines, agree
+
+
+def compare_results(reproduced: str | Path, committed: str | Path, rtol: float = 0.0) -> tuple[list[str], bool]:
+    """:func:`compare_table` for every ``*.csv`` in the folder ``reproduced`` that ``committed`` also
+    holds (training-cost tables excepted). FileNotFoundError when ``reproduced`` holds no table."""
+    tables = sorted(resolve_path(reproduced).glob("*.csv"))
+    if not tables:
+        raise FileNotFoundError(f"{reproduced}: no *.csv table to compare (run `make reproduce` first)")
+    committed = resolve_path(committed)
+    lines, agree = [], True
+    for path in tables:
+        if COST_TABLES.search(path.stem):
+            lines.append(f"{path.name}: training cost, not compared")
+        elif not (committed / path.name).is_file():
+            lines.append(f"{path.name}: no committed table of that name, not compared")
+        else:
+            out, ok = compare_table(path, committed / path.name, rtol)
+            lines += out
+            agree &= ok
+    missing = sorted({p.name for p in committed.glob("*.csv")} - {p.name for p in tables})
+    if missing:
+        lines.append(f"not reproduced: {', '.join(missing)}")
+    lines.append("same numbers as the committed tables" if agree else "DIFFERENT from the committed tables")
+    return lines, agree
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m m3bsr.viz compare REPRODUCED COMMITTED [--rtol R]`` (``make compare``): print the
+    per-table differences; exit status 1 when the tables differ."""
+    import argparse  # noqa: PLC0415
+    parser = argparse.ArgumentParser(prog="python -m m3bsr.viz")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmp = sub.add_parser("compare", help="compare a reproduction's tables with the committed ones")
+    cmp.add_argument("reproduced", help="folder of the reproduction's tables, e.g. reproduce/results")
+    cmp.add_argument("committed", help="folder of the committed tables, e.g. results")
+    cmp.add_argument("--rtol", type=float, default=0.0, help="relative tolerance on numbers (default 0: equal)")
+    args = parser.parse_args(argv)
+    try:
+        lines, agree = compare_results(args.reproduced, args.committed, args.rtol)
+    except FileNotFoundError as err:
+        parser.exit(2, f"error: {err}\n")
+    print("\n".join(lines))
+    return 0 if agree else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
