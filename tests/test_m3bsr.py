@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from m3bsr.config import ModelConfig
-from m3bsr.data.sequences import TIME_BOS, TIME_PAD, history_index
+from m3bsr.data.sequences import TIME_BOS, TIME_PAD, history_index, position_ids
 from m3bsr.models.base import DataInfo
 from m3bsr.models.diffusion import (ConditionalChain, NoisePredictor, Schedule, cosine_schedule, linear_schedule,
                                     p_step, q_step)
@@ -527,7 +527,8 @@ def test_common_expert_inputs_and_pooling():
         mod.register_forward_hook(hook(key))
     with torch.no_grad():
         rec = model.denoise_outputs(batch)
-    x = {m: rec["cdbd"][m] + model.pos.weight[:L + 1] for m in model.modalities}
+    pos = model.pos.table(position_ids(batch["times"]))  # counted back from each stream's newest event
+    x = {m: rec["cdbd"][m] + pos for m in model.modalities}
     for key, level in (("ln_cl", 0), ("ln_fa", -1)):
         tokens = torch.cat([x[m][:, level] + model.type_emb[i] for i, m in enumerate(model.modalities)], 1)
         assert torch.allclose(seen[key][0][0], tokens, atol=1e-5), key

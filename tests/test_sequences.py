@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from m3bsr.data.schema import finalize
-from m3bsr.data.sequences import TIME_BOS, TIME_PAD, SequenceData, history_index
+from m3bsr.data.sequences import TIME_BOS, TIME_PAD, SequenceData, history_index, position_ids
 
 
 def toy(seed=0, users=30, events=25):
@@ -27,11 +27,50 @@ def build(raw, L=10):
     return ds, SequenceData(ds, max_len=L, min_deep=3)
 
 
-def effective_inputs(split, row, k):
-    """What target k of a row can see: per level, the events up to its history index."""
+def effective_inputs(split, row, k, L=10):
+    """What target k of a row reads: per level, the last L events up to its history index (the window
+    every model's attention keeps)."""
     idx = history_index(split["times"][row:row + 1], split["target_times"][row:row + 1, k:k + 1])[0, :, 0]
-    return [(split["items"][row, s, 1:i + 1].tolist(), split["times"][row, s, 1:i + 1].tolist())
+    return [(split["items"][row, s, max(1, i - L + 1):i + 1].tolist(), split["times"][row, s, max(1, i - L + 1):i + 1].tolist())
             for s, i in enumerate(idx.tolist())]
+
+
+def history_mismatches(seq):
+    """Training targets whose window (per level, the last L events up to the history index) is not the
+    history an evaluation row at the target's time would hold: the level's last L events strictly
+    before it, taken from the dataset's events. -> (mismatches, targets checked)."""
+    df = seq.ds.interactions
+    events = {u: [(g.item.to_numpy()[g.level.to_numpy() == s], g.timestamp.to_numpy()[g.level.to_numpy() == s])
+                  for s in range(seq.S)] for u, g in df.groupby("user")}
+    tr, L = seq.train, seq.L
+    idx = history_index(tr["times"], tr["target_times"])  # (B, S, K)
+    bad = checked = 0
+    for r, u in enumerate(tr["users"].tolist()):
+        for k in np.flatnonzero(tr["targets"][r].numpy() > 0):
+            t = int(tr["target_times"][r, k])
+            checked += 1
+            for s, (items, times) in enumerate(events[u]):
+                c = int((times < t).sum())
+                i = int(idx[r, s, k])
+                if (tr["items"][r, s, max(1, i - L + 1):i + 1].tolist() != items[max(0, c - L):c].tolist()
+                        or tr["times"][r, s, max(1, i - L + 1):i + 1].tolist() != times[max(0, c - L):c].tolist()):
+                    bad += 1
+                    break
+    return bad, checked
+
+
+def read_positions(split, L):
+    """{(level, position)} that the targets of a split read: the positions (counted back from the
+    row's newest event, :func:`position_ids`) of the last L events up to each target's history index."""
+    pos = position_ids(split["times"])
+    idx = history_index(split["times"], split["target_times"])
+    out = set()
+    for r in range(len(split["users"])):
+        for k in np.flatnonzero(split["targets"][r].numpy() > 0):
+            for s in range(split["items"].shape[1]):
+                i = int(idx[r, s, k])
+                out |= {(s, p) for p in pos[r, s, max(1, i - L + 1):i + 1].tolist()}
+    return out
 
 
 def test_layout_bos_padding_and_split():
@@ -134,10 +173,11 @@ def test_no_leakage_for_training_targets():
     for r in range(5):
         for k in np.flatnonzero(tr["targets"][r].numpy() > 0):
             t = tr["target_times"][r, k]
-            # target k is the deep stream's event k+1: its own item and time, not a shifted copy
-            assert tr["targets"][r, k] == tr["items"][r, -1, k + 1] and t == tr["times"][r, -1, k + 1]
             for items, times in effective_inputs(tr, r, k):
                 assert all(x < t for x in times)
+        # the row's streams hold nothing at or after its last target
+        last = tr["target_times"][r][tr["targets"][r] > 0].max()
+        assert (tr["times"][r, :, 1:][tr["items"][r, :, 1:] > 0] < last).all()
 
 
 def test_history_index_counts_strictly_earlier_events():
@@ -200,3 +240,69 @@ def test_every_training_target_has_an_earlier_event_in_its_row():
     for r in range(len(tr["users"])):
         for k in np.flatnonzero(tr["targets"][r].numpy() > 0):
             assert any(items for items, _ in effective_inputs(tr, r, k)), (r, k)
+
+
+@pytest.mark.parametrize("L, row_len", [(4, None), (4, 4), (10, 13)])
+def test_every_training_target_reads_the_history_an_evaluation_row_would_hold(L, row_len):
+    """Per level, each training target's window is the last L events strictly before it, however
+    far back they lie (clicks included) and whichever row holds the target."""
+    ds, _ = build(toy(users=40, events=40))
+    seq = SequenceData(ds, max_len=L, min_deep=3, row_len=row_len)
+    bad, checked = history_mismatches(seq)
+    assert bad == 0 and checked > 200
+    assert seq.train["items"].shape[-1] <= seq.W + 1 and seq.W == (row_len or 2 * L)
+
+
+def test_the_history_check_finds_a_wrong_history():
+    """The check above can fail: one event moved out of a training row is found."""
+    ds, seq = build(toy())
+    r = int((seq.train["items"][:, 0, 1:] > 0).sum(-1).argmax())
+    seq.train["items"][r, 0, 1] = 39 if seq.train["items"][r, 0, 1] != 39 else 38
+    assert history_mismatches(seq)[0] > 0
+
+
+def test_every_position_an_evaluation_row_reads_is_trained():
+    """Positions count back from a row's newest event: every (level, position) that a validation or
+    test target reads is read by some training target too (the newest, 1, by every row's last target)."""
+    ds, seq = build(toy(users=40, events=60), L=5)
+    trained = read_positions(seq.train, seq.L)
+    for name in ("valid", "test"):
+        read = read_positions(seq.split(name), seq.L)
+        assert read and read <= trained, sorted(read - trained)
+    assert {(s, 1) for s in range(2)} <= trained
+
+
+def test_training_rows_hold_several_targets_within_row_len():
+    """Consecutive targets share a row while every level fits in row_len events: fewer rows than targets."""
+    ds, seq = build(toy(users=40, events=60), L=5)
+    tr = seq.train
+    n_targets = int((tr["targets"] > 0).sum())
+    assert len(tr["users"]) < n_targets / 2
+    assert ((tr["items"][:, :, 1:] > 0).sum(-1) <= seq.W).all()
+
+
+def test_position_ids_count_back_from_the_newest_event():
+    times = torch.tensor([[TIME_BOS, 1, 2, 2, 5, TIME_PAD, TIME_PAD], [TIME_BOS] + [TIME_PAD] * 6])
+    assert position_ids(times).tolist() == [[0, 4, 3, 2, 1, 0, 0], [0] * 7]
+
+
+@pytest.mark.parametrize("name", ["synthetic"] + [pytest.param(n, marks=pytest.mark.dataset(n))
+                                                  for n in ("ml-100k-mm", "ml-latest-small-mm")])
+def test_real_datasets_train_on_evaluation_histories(name, capsys):
+    """On each dataset at the default profile: no training target reads another history than its
+    evaluation-style one, and every (level, position) an evaluation row reads is trained, or lies
+    further back than any training row of that level reaches (layers.Positions reads it as the
+    furthest trained one: on synthetic, the oldest favors of the longest histories)."""
+    from m3bsr.config import make_config
+    from m3bsr.data.sources import load_dataset
+    cfg = make_config("default", {"dataset": name})
+    seq = SequenceData(load_dataset(cfg.data, features=False), cfg.data.max_len, cfg.data.min_deep, cfg.data.row_len)
+    bad, checked = history_mismatches(seq)
+    trained = read_positions(seq.train, seq.L)
+    furthest = {s: max(p for l, p in trained if l == s) for s in range(seq.S)}
+    untrained = set().union(*(read_positions(seq.split(n), seq.L) - trained for n in ("valid", "test")))
+    with capsys.disabled():
+        print(f"\n{name}: {bad} of {checked} training targets read another history than an evaluation row would; "
+              f"(level, position) pairs read in evaluation and never in training: {sorted(untrained)}")
+    assert bad == 0 and checked > 0
+    assert all(p > furthest[s] for s, p in untrained)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from m3bsr.config import ModelConfig
-from m3bsr.data.sequences import TIME_BOS, TIME_PAD, history_index
+from m3bsr.data.sequences import TIME_BOS, TIME_PAD, history_index, position_ids
 from m3bsr.models.base import DataInfo
 from m3bsr.models import sequential
 from m3bsr.models.baselines import Popularity
@@ -376,8 +376,8 @@ def test_mbt_input_is_item_plus_behaviour_type_plus_position():
     model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     with torch.no_grad():
         model.user_vectors(batch)
-        it, _, bh = model.merge(batch["items"], batch["times"])
-        expected = model.item(it) + model.behaviour(bh) + model.pos.weight[:it.shape[1]]
+        it, tm, bh = model.merge(batch["items"], batch["times"])
+        expected = model.item(it) + model.behaviour(bh) + model.pos.table(position_ids(tm))
     assert torch.allclose(seen[0], expected)
 
 
@@ -413,3 +413,17 @@ def test_diffurec_trunc_lin_betas_match_the_documented_ends():
     assert b32[0].item() == pytest.approx(1000 / 32 * 1e-4 + 0.01)
     assert b32[-1].item() == pytest.approx(1000 / 32 * 0.02 + 0.01)
     assert b8[0].item() == pytest.approx(125 * 1e-4 + 0.01) and b8[-1].item() == pytest.approx(125 * 1e-3 + 0.01)
+
+
+def test_positions_never_read_an_untrained_embedding():
+    """Training records the furthest position back it met; evaluation reads a position further back
+    as that one (the oldest events of a history longer than every training row), never an embedding
+    training left at its initial draw."""
+    from m3bsr.models.layers import Positions
+    pos = Positions(8)
+    pos(torch.tensor([[0, 3, 2, 1]]))  # training: positions up to 3
+    assert int(pos.trained) == 3
+    pos.eval()
+    assert torch.equal(pos(torch.tensor([5, 4, 3])), pos.table.weight[[3, 3, 3]])
+    assert torch.equal(pos(torch.tensor([2, 0])), pos.table.weight[[2, 0]])
+    assert "trained" in pos.state_dict()  # saved and resumed with the weights

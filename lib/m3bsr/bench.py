@@ -91,10 +91,10 @@ from typing import Any, Callable
 import torch
 
 from .config import Config, ConfigError, ModelConfig, make_config, repo_root
-from .data.sequences import TIME_BOS, TIME_PAD, SequenceData, history_index
+from .data.sequences import TIME_BOS, SequenceData, history_index, position_ids
 from .models.base import DataInfo, Recommender
 from .models.diffusion import ConditionalChain
-from .models.layers import before_mask, causal_mask, gather_positions, sinusoidal
+from .models.layers import before_mask, gather_positions, sinusoidal, window_mask
 from .models.m3bsr import M3BSR, level_weights
 from .models.registry import build_model
 from .files import atomic_write_text
@@ -247,7 +247,7 @@ class NaiveM3BSR(M3BSR):
         for m in self.features:
             out = []
             for s in range(S):  # one chain call per (level, modality)
-                mask = causal_mask(L1, valid.device)
+                mask = window_mask(L1, self.window, valid.device)
                 o, lo = naive_chain(self.cdmd[m], h[m][:, s], h["id"][:, s], mask,
                                     level_weights(valid[:, s:s + 1])[:, 0])
                 out.append(o)
@@ -266,7 +266,7 @@ class NaiveM3BSR(M3BSR):
                 cm = [m] if same else self.modalities
                 cond = torch.cat([h[c][:, l] for c in cm for l in deeper], 1)
                 c_times = torch.cat([times[:, l] for l in deeper] * len(cm), 1)
-                mask = before_mask(times[:, s], c_times)
+                mask = before_mask(times[:, s], c_times, self.window, L1)
                 new[m][s], lo = naive_chain(self.cdbd[m], h[m][:, s], cond, mask, level_weights(valid[:, s:s + 1])[:, 0])
                 loss = lo if loss is None else loss + lo
         for m in self.modalities:
@@ -276,8 +276,8 @@ class NaiveM3BSR(M3BSR):
     def experts(self, h, times, idx):
         B, S, L1, d = h["id"].shape
         M = len(self.modalities)
-        x = {m: h[m] + self.pos.weight[:L1] for m in self.modalities}
-        causal = causal_mask(L1, times.device)
+        x = {m: h[m] + self.pos(position_ids(times)) for m in self.modalities}
+        causal = window_mask(L1, self.window, times.device)
         out = []
         for s in range(S):  # one specific-expert call per (level, modality)
             for m in self.modalities:
@@ -286,25 +286,27 @@ class NaiveM3BSR(M3BSR):
         if self.common is not None:
             q = torch.cat([x[m][:, 0] + self.type_emb[i] for i, m in enumerate(self.modalities)], 1)
             k = torch.cat([x[m][:, -1] + self.type_emb[i] for i, m in enumerate(self.modalities)], 1)
-            mask = before_mask(times[:, 0].repeat(1, M), times[:, -1].repeat(1, M))
+            mask = before_mask(times[:, 0].repeat(1, M), times[:, -1].repeat(1, M), self.window, L1)
             share = q + self.drop(self.common_cross(self.ln_cl(q), self.ln_fa(k), mask))
-            pos = torch.arange(L1, device=times.device).repeat(M)
-            y = self.common(share, pos[None, :] <= pos[:, None]).view(B, M, L1, d)
+            y = self.common(share, causal.repeat(M, M)).view(B, M, L1, d)
             out.append(torch.stack([gather_positions(y[:, i], idx[:, 0]) for i in range(M)], 1).mean(1))
         return torch.stack(out, 2)
 
 
 def one_target_batches(batch: dict[str, torch.Tensor], positions: list[int] | None = None):
-    """Yield ``(k, sub-batch)``: target position k alone, each row holding only that target's history
-    (its events strictly before the target; the later positions become padding, the length stays
-    L+1), what a one-target-per-sequence implementation feeds. Positions without targets are skipped."""
+    """Yield ``(k, sub-batch)``: target position k alone, each row's events at or after the target
+    replaced by another item (times, and so positions, unchanged): what a one-target-per-sequence
+    implementation feeds, with the later events made into noise that must not reach the target.
+    Positions without targets are skipped."""
     K, L1 = batch["targets"].shape[1], batch["items"].shape[-1]
     for k in positions if positions is not None else range(K):
         if not (batch["targets"][:, k] > 0).any():
             continue
         tt = batch["target_times"][:, k:k + 1]
         later = torch.arange(L1, device=tt.device) > history_index(batch["times"], tt)  # (B, S, L+1)
-        yield k, {"items": batch["items"].masked_fill(later, 0), "times": batch["times"].masked_fill(later, TIME_PAD),
+        other = batch["items"] % int(batch["items"].max()) + 1  # every real event becomes another item
+        items = torch.where(later & (batch["items"] > 0), other, batch["items"])
+        yield k, {"items": items, "times": batch["times"],
                   "targets": batch["targets"][:, k:k + 1], "target_times": tt, "users": batch["users"]}
 
 
@@ -702,7 +704,7 @@ def run_bench(size: str = "full", device: str = "auto", out: str | Path | None =
     cfg = make_config(sz.profile, {"dataset": sz.dataset, **sz.overrides, "device": str(dev), "bf16": bf16,
                                    "sampled_negatives": 0, "progress": False})
     ds = load_data(cfg)
-    seq = SequenceData(ds, cfg.data.max_len, cfg.data.min_deep)
+    seq = SequenceData(ds, cfg.data.max_len, cfg.data.min_deep, cfg.data.row_len)
     info = data_info(ds, seq)
     n = len(seq.train["users"])
     rows = batch_size if batch_size is not None else sz.batch

@@ -34,6 +34,7 @@ class DataConfig:
     favor_threshold: float = 4.0  # MovieLens: rating >= this is a favor (deep); every rating is a click
     cache_dir: str | None = None  # feature cache; None: <repo>/data/cache
     max_len: int = 50  # L: events kept per behaviour stream (most recent first)
+    row_len: int | None = None  # W >= L: events per level in a training row (targets share it); None: 2 * max_len
     min_deep: int = 3  # users with fewer deep events get no valid/test target (their events still train)
     # robustness studies (data/perturb.py): valid/test targets are never perturbed
     deep_noise: float = 0.0  # share of the other deep events whose item is replaced by a random item
@@ -179,7 +180,7 @@ MAX_POSITIONS = 512
 # Bounds (inclusive; None: none) of the numeric fields: Config.set rejects values outside them.
 RANGES: dict[str, tuple[float, float | None]] = {
     "seed": (0, 2 ** 32 - 1), "syn_seed": (0, 2 ** 32 - 1),  # numpy's seeds
-    "max_len": (1, MAX_POSITIONS - 1),
+    "max_len": (1, MAX_POSITIONS - 1), "row_len": (1, MAX_POSITIONS - 1),
     "min_deep": (2, None),  # a user's last two deep events are the test and validation targets
     "syn_users": (1, None), "syn_items": (1, None), "syn_clusters": (1, None), "syn_events": (0, None),
     "syn_noise": (0.0, 1.0), "dropout": (0.0, 1.0),

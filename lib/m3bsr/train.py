@@ -302,7 +302,7 @@ def data_info(ds: Dataset, seq: SequenceData) -> DataInfo:
     return DataInfo(n_items=ds.n_items, levels=list(ds.levels),
                     features={m: torch.from_numpy(x) for m, x in ds.features.items()},
                     feature_mask={m: torch.from_numpy(x) for m, x in ds.feature_mask.items()},
-                    item_counts=counts)
+                    item_counts=counts, window=seq.L)
 
 
 def sampled_negatives(seq: SequenceData, split: str, n: int, cache_dir: Path) -> torch.Tensor:
@@ -445,7 +445,7 @@ class Trainer:
         n = cfg.train.sampled_negatives
         with self.dist.local_main_first():  # one process per machine fills the feature/negatives caches
             self.ds = dataset if dataset is not None else load_data(cfg)
-            self.seq = SequenceData(self.ds, cfg.data.max_len, cfg.data.min_deep)
+            self.seq = SequenceData(self.ds, cfg.data.max_len, cfg.data.min_deep, cfg.data.row_len)
             if self.seq.n_eval_users == 0:
                 df = self.ds.interactions
                 most = int((df["level"] == self.ds.n_levels - 1).groupby(df["user"]).sum().max())

@@ -21,6 +21,7 @@ class DataInfo:
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (N+1, D_m)
     feature_mask: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (N+1,) bool
     item_counts: torch.Tensor | None = None  # (N+1,) training-target counts (popularity)
+    window: int | None = None  # L: events of each level a target reads (data.max_len); None: all in the row
 
     @property
     def n_levels(self) -> int:

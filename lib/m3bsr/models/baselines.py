@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import MAX_POSITIONS, ModelConfig
-from ..data.sequences import history_index
+from ..config import ModelConfig
+from ..data.sequences import history_index, position_ids
 from .base import DataInfo, Recommender
-from .layers import FeatureProjection, Transformer, causal_mask, gather_positions
+from .layers import FeatureProjection, Positions, Transformer, gather_positions, window_mask
 
 
 class Popularity(Recommender):
@@ -29,9 +29,10 @@ class Popularity(Recommender):
 class SASRec(Recommender):
     """SASRec (Kang & McAuley, ICDM 2018) on the deep behaviour's sequence.
 
-    Causal self-attention over item + position embeddings; the output at the last event before
-    each target predicts it, so every target of a row trains in one pass; scores are dot products
-    with the (shared) item embedding table, CE over all items.
+    Causal self-attention over item + position embeddings (positions counted back from the newest
+    event, as SASRec's left-padded sequences do), within a window of the last L events; the output
+    at the last event before each target predicts it, so every target of a row trains in one pass;
+    scores are dot products with the (shared) item embedding table, CE over all items.
     """
 
     def __init__(self, cfg: ModelConfig, info: DataInfo, multimodal: bool = False):
@@ -40,13 +41,12 @@ class SASRec(Recommender):
         del self.out  # prediction shares the item table
         self.item = nn.Embedding(info.n_items + 1, d, padding_idx=0)
         self.bos = nn.Parameter(torch.randn(d) * 0.02)
-        self.pos = nn.Embedding(MAX_POSITIONS, d)
+        self.pos = Positions(d)
         self.mm = nn.ModuleDict({m: FeatureProjection(info.features[m], info.feature_mask[m], d)
                                  for m in info.features} if multimodal else {})
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = Transformer(d, cfg.layers, cfg.heads, cfg.dropout)
         nn.init.normal_(self.item.weight, std=0.02)
-        nn.init.normal_(self.pos.weight, std=0.02)  # at nn.Embedding's N(0, 1) positions would drown the items
 
     def item_table(self, items: torch.Tensor | None = None) -> torch.Tensor:
         """Item representations (ID embedding, plus projected modalities for SASRec+MM)."""
@@ -62,8 +62,8 @@ class SASRec(Recommender):
         B, L1 = items.shape
         h = self.item_table(items)
         h = torch.cat([self.bos.expand(B, 1, -1).to(h.dtype), h[:, 1:]], 1)
-        h = self.drop(h + self.pos.weight[:L1])
-        h = self.encoder(h, causal_mask(L1, h.device))
+        h = self.drop(h + self.pos(position_ids(times)))
+        h = self.encoder(h, window_mask(L1, self.info.window, h.device))
         idx = history_index(batch["times"][:, -1:], batch["target_times"])[:, 0]  # (B, K)
         return gather_positions(h, idx), {}
 

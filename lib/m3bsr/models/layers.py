@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..config import MAX_POSITIONS, ConfigError
 from ..data.sequences import TIME_BOS, TIME_PAD
 
 
@@ -89,19 +89,63 @@ class Transformer(nn.Module):
         return self.ln(x)
 
 
+class Positions(nn.Module):
+    """Learned embeddings of positions counted back from a stream's newest event
+    (:func:`~m3bsr.data.sequences.position_ids`; 0 = BOS and padding), at N(0, 0.02^2) like the item
+    tables (at nn.Embedding's N(0, 1) positions would drown the items).
+
+    Training records the furthest position back it met (``trained``). Evaluation reads a position
+    further back than that (the oldest events of a history longer than every training row) as the
+    furthest trained one, so no model ever reads an embedding that training never updated.
+    """
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.table = nn.Embedding(MAX_POSITIONS, d)
+        nn.init.normal_(self.table.weight, std=0.02)
+        self.register_buffer("trained", torch.zeros((), dtype=torch.long))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Position ids ``(...)`` long -> ``(..., d)``."""
+        if self.training:
+            self.trained.copy_(torch.maximum(self.trained, ids.max()))
+        else:
+            ids = torch.where(self.trained > 0, ids.clamp(max=self.trained), ids)  # (never trained: as is)
+        return self.table(ids)
+
+
 def causal_mask(L: int, device=None) -> torch.Tensor:
     """``(L, L)`` True on and below the diagonal: position i sees positions j <= i."""
     return torch.ones(L, L, dtype=torch.bool, device=device).tril()
 
 
-def before_mask(q_times: torch.Tensor, k_times: torch.Tensor) -> torch.Tensor:
+def window_mask(L1: int, window: int | None, device=None) -> torch.Tensor:
+    """``(L1, L1)`` causal within a window: position i sees BOS (position 0) and the ``window``
+    positions ``i - window < j <= i``, so a target read at i sees exactly its last ``window`` events.
+
+    With ``L1 <= window + 1`` (an evaluation row) or ``window=None`` this is :func:`causal_mask`.
+    """
+    i = torch.arange(L1, device=device)
+    back = i[:, None] - i[None, :]
+    return (back >= 0) & ((back < (window or L1)) | (i[None, :] == 0))
+
+
+def before_mask(q_times: torch.Tensor, k_times: torch.Tensor, window: int | None = None,
+                segment: int | None = None) -> torch.Tensor:
     """Time-aware mask ``(B, Lq, Lk)``: a query at time tau sees keys strictly before tau.
 
     BOS keys are visible to every query (a BOS query included), so no row is empty; padded keys
-    are never visible.
+    are never visible. With ``window``, a query sees only the last ``window`` of those keys in each
+    stream of the keys (``segment`` positions each, BOS first; None: one stream).
     """
     k = k_times[:, None, :]
-    return ((k < q_times[:, :, None]) | (k == TIME_BOS)) & (k < TIME_PAD)
+    real = (k < q_times[:, :, None]) & (k != TIME_BOS) & (k < TIME_PAD)
+    if window is not None:
+        B, Lq, Lk = real.shape
+        seg = real.view(B, Lq, Lk // (segment or Lk), segment or Lk)
+        newer = seg.flip(-1).cumsum(-1).flip(-1)  # visible keys at this position or later in its stream
+        real = real & (newer <= window).view(B, Lq, Lk)
+    return real | (k == TIME_BOS)
 
 
 def gather_positions(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,14 @@
         4. logits p(i | y) = softmax(W y + b) over all items (the base class)
 
 Time causality (protocol): a target at time tau only ever sees events strictly before tau. Every
-stream runs causally (position i sees positions j <= i of its own level); a query of a shallower level
-at time tau sees deeper-level events strictly before tau (:func:`~m3bsr.models.layers.before_mask`); each expert is read at
-the history index of its level (:func:`~m3bsr.data.sequences.history_index`), so all K targets of
-a row train in one pass. Method details and the flags for every choice: ``docs/method.md``.
+stream runs causally within a window of L = ``max_len`` events (position i sees BOS and positions
+i-L < j <= i of its own level, :func:`~m3bsr.models.layers.window_mask`); a query of a shallower
+level at time tau sees the last L deeper-level events strictly before tau
+(:func:`~m3bsr.models.layers.before_mask`); each expert is read at the history index of its level
+(:func:`~m3bsr.data.sequences.history_index`), so all K targets of a row train in one pass and each
+reads the last L events of every level, as an evaluation row does. Positions are counted back from a
+stream's newest event (:func:`~m3bsr.data.sequences.position_ids`). Method details and the flags for
+every choice: ``docs/method.md``.
 """
 from __future__ import annotations
 
@@ -25,11 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import CHOICES, MAX_POSITIONS, ConfigError, ModelConfig
-from ..data.sequences import history_index
+from ..config import CHOICES, ConfigError, ModelConfig
+from ..data.sequences import history_index, position_ids
 from .base import DataInfo, Recommender
 from .diffusion import ConditionalChain
-from .layers import Attention, FeatureProjection, Transformer, before_mask, causal_mask
+from .layers import Attention, FeatureProjection, Positions, Transformer, before_mask, window_mask
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +135,8 @@ class M3BSR(Recommender):
             self.cdbd = nn.ModuleDict({m: ConditionalChain(cfg, d, seed=11 + i) for i, m in enumerate(self.modalities)})
 
         # ---- 3. MEIE: specific experts, common expert, router
-        self.pos = nn.Embedding(MAX_POSITIONS, d)  # added at the expert inputs (the diffusion sees content only)
-        nn.init.normal_(self.pos.weight, std=0.02)
+        self.window = info.window  # L: every attention sees the last L events of a level
+        self.pos = Positions(d)  # added at the expert inputs (the diffusion sees content only)
         spec = (self.modalities if cfg.shared_specific else [f"{s}/{m}" for s in range(S) for m in self.modalities])
         self.specific = nn.ModuleDict({k: Transformer(d, cfg.layers, cfg.heads, cfg.dropout) for k in spec})
         self.common = None
@@ -209,16 +213,19 @@ class M3BSR(Recommender):
                            rec: dict | None = None) -> torch.Tensor | None:
         """For every level b and m in {image, text}: ``h^{b,m} <- Chain_m(h^{b,m} | h^{b,id})`` in place.
 
-        Position i of the noisy stream attends ID positions j <= i of the same level (causal).
+        Position i of the noisy stream attends ID positions i-L < j <= i of the same level (causal,
+        windowed) and BOS.
         The levels are stacked on the batch axis (one chain call per modality). Returns L_m
         (the sum over modalities and levels; None in eval).
         """
         B, S, L1, d = h["id"].shape
         cond = h["id"].reshape(B * S, L1, d)
         weight = level_weights(valid).reshape(B * S, L1)
+        windowed = self.window is not None and L1 > self.window + 1  # training rows longer than L
+        mask = window_mask(L1, self.window, cond.device) if windowed else None
         loss = None
         for m in self.features:
-            r = self.cdmd[m](h[m].reshape(B * S, L1, d), cond, causal=True, weight=weight,
+            r = self.cdmd[m](h[m].reshape(B * S, L1, d), cond, mask=mask, causal=not windowed, weight=weight,
                              return_states=rec is not None)
             h[m] = r.out.view(B, S, L1, d)
             loss = r.loss if loss is None else loss + r.loss
@@ -242,7 +249,7 @@ class M3BSR(Recommender):
 
         Condition: the same modality of the deeper level(s) (``cdbd_condition='concat'``: all their
         modalities concatenated along the sequence axis), with a time-aware mask (a query at time
-        tau sees condition events strictly before tau). Every level is conditioned on the deeper
+        tau sees the last L condition events strictly before tau). Every level is conditioned on the deeper
         streams as they leave CDMD (levels run in parallel, not as a cascade); the deep level
         passes unchanged. Levels with equally long conditions share one chain call (stacked on
         the batch axis). Returns L_b (None in eval).
@@ -258,7 +265,7 @@ class M3BSR(Recommender):
             deeper = [self._cdbd_condition_levels(s, S) for s in levels]
             q_times = torch.cat([times[:, s] for s in levels], 0)
             c_times = torch.cat([torch.cat([times[:, l] for l in ls] * n_cond, 1) for ls in deeper], 0)
-            mask = before_mask(q_times, c_times)
+            mask = before_mask(q_times, c_times, self.window, L1)
             weight = level_weights(valid[:, levels]).transpose(0, 1).reshape(len(levels) * B, L1)
             for m in self.modalities:
                 cm = [m] if self.cfg.cdbd_condition == "same" else self.modalities
@@ -292,8 +299,9 @@ class M3BSR(Recommender):
         B, S, L1, d = h["id"].shape
         K = idx.shape[-1]
         M = len(self.modalities)
-        x = {m: h[m] + self.pos.weight[:L1].to(h[m].dtype) for m in self.modalities}
-        causal = causal_mask(L1, times.device)
+        pos = self.pos(position_ids(times))  # (B, S, L1, d): counted back from each stream's newest event
+        x = {m: h[m] + pos.to(h[m].dtype) for m in self.modalities}
+        causal = window_mask(L1, self.window, times.device)
         out = []
         # specific experts: h^m_b = Transformer_m(h^m_b), causal, read at the level's history index
         if self.cfg.shared_specific:
@@ -314,15 +322,15 @@ class M3BSR(Recommender):
         if self.common is not None:
             q = torch.cat([x[m][:, 0] + self.type_emb[i].to(x[m].dtype) for i, m in enumerate(self.modalities)], 1)
             k = torch.cat([x[m][:, -1] + self.type_emb[i].to(x[m].dtype) for i, m in enumerate(self.modalities)], 1)
-            mask = before_mask(times[:, 0].repeat(1, M), times[:, -1].repeat(1, M))
+            mask = before_mask(times[:, 0].repeat(1, M), times[:, -1].repeat(1, M), self.window, L1)
             share = q + self.drop(self.common_cross(self.ln_cl(q), self.ln_fa(k), mask))
-            pos = torch.arange(L1, device=times.device).repeat(M)
+            tokens = causal.repeat(M, M)  # token (m, i) sees (m', j) for the j that position i sees
             rows = idx[:, 0][:, None, :] + L1 * torch.arange(M, device=times.device)[None, :, None]  # tokens (m, idx)
             if self.training:
-                y = self.common(share, pos[None, :] <= pos[:, None])  # token (m, i) sees (m', j <= i)
+                y = self.common(share, tokens)
                 y = y.gather(1, rows.reshape(B, M * K, 1).expand(-1, -1, d))
             else:
-                y = self.common(share, pos[None, :] <= pos[:, None], rows.reshape(B, M * K))
+                y = self.common(share, tokens, rows.reshape(B, M * K))
             out.append(y.view(B, M, K, d).mean(1))
         return torch.stack(out, 2)
 

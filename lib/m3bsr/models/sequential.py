@@ -12,9 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import MAX_POSITIONS, ConfigError, ModelConfig
-from ..data.sequences import TIME_BOS, history_index
+from ..data.sequences import TIME_BOS, history_index, position_ids
 from .base import DataInfo, Recommender
-from .layers import Block, Transformer, causal_mask, gather_positions, sinusoidal
+from .layers import Block, Positions, Transformer, gather_positions, sinusoidal, window_mask
 
 
 class BERT4Rec(Recommender):
@@ -49,20 +49,27 @@ class BERT4Rec(Recommender):
         del self.out  # prediction shares the item table
         self.mask_id = info.n_items + 1
         self.item = nn.Embedding(info.n_items + 2, d, padding_idx=0)
-        self.pos = nn.Embedding(MAX_POSITIONS, d)
+        self.pos = Positions(d)
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = Transformer(d, cfg.layers, cfg.heads, cfg.dropout)
         self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d))  # W_P, b_P
         self.bias = nn.Parameter(torch.zeros(info.n_items + 1))  # b_O
         nn.init.normal_(self.item.weight, std=0.02)
-        nn.init.normal_(self.pos.weight, std=0.02)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Bidirectional encoding of ids ``x`` ``(B, L)`` (0 = padding) -> ``(B, L, d)``."""
+        """Bidirectional encoding of ids ``x`` ``(B, W)`` (0 = padding) -> ``(B, W, d)``.
+
+        Positions count back from the newest token (1 = newest); a token attends the tokens less
+        than L positions away on either side (all of them in an evaluation input of L tokens)."""
         keys = x > 0
-        keys = keys | ~keys.any(-1, keepdim=True)  # a row without events attends anywhere (its outputs are unused)
-        h = self.drop(self.item(x) + self.pos.weight[:x.shape[1]])
-        return self.encoder(h, keys[:, None, :])
+        n = keys.sum(-1, keepdim=True)
+        j = torch.arange(x.shape[1], device=x.device)
+        h = self.drop(self.item(x) + self.pos(torch.where(keys, n - j, 0)))
+        window = self.info.window or x.shape[1]
+        near = (j[:, None] - j[None, :]).abs() < window  # (W, W)
+        keys = near & keys[:, None, :]
+        keys = keys | ~keys.any(-1, keepdim=True)  # a query without keys attends anywhere (its output is unused)
+        return self.encoder(h, keys)
 
     def item_scores(self, y: torch.Tensor) -> torch.Tensor:
         """``(..., d)`` -> ``(..., N+1)``: GELU transform, tied item table, output bias."""
@@ -120,7 +127,7 @@ class BehaviourBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, types: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """x ``(B, M, d)``, types ``(B, M, n_types)`` one-hot, allowed ``(M, M)`` bool -> ``(B, M, d)``."""
+        """x ``(B, M, d)``, types ``(B, M, n_types)`` one-hot, allowed ``(B, 1, M, M)`` bool -> ``(B, M, d)``."""
         B, M, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, M, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
         types = types[:, None].to(q.dtype)
@@ -141,7 +148,8 @@ class MBT(Recommender):
     learned per-head bias for every (query behaviour, key behaviour) pair to the attention logits
     (after the behaviour-pair-specific attention terms of MB-STR, Yuan et al., SIGIR 2022; PBAT,
     Su et al., ACM MM 2023, also models behaviour relations inside attention). Attention is causal over the merged
-    timeline and trained left to right like SASRec: the output at the last merged event before a
+    timeline (each behaviour within a window of its last L events; positions counted back from the
+    newest event) and trained left to right like SASRec: the output at the last merged event before a
     target (of any behaviour) predicts the target deep item, so every target of a row trains in one
     pass. Output: tied item embedding, CE over all items.
 
@@ -157,11 +165,11 @@ class MBT(Recommender):
         del self.out  # prediction shares the item table
         self.item = nn.Embedding(info.n_items + 1, d, padding_idx=0)
         self.behaviour = nn.Embedding(S + 1, d)  # levels 0..S-1, S = BOS / padding
-        self.pos = nn.Embedding(MAX_POSITIONS, d)
+        self.pos = Positions(d)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(BehaviourBlock(d, cfg.heads, cfg.dropout, S + 1) for _ in range(cfg.layers))
         self.ln = nn.LayerNorm(d)
-        for table in (self.item, self.behaviour, self.pos):  # one scale, so no input drowns the others
+        for table in (self.item, self.behaviour):  # one scale (Positions' too), so no input drowns the others
             nn.init.normal_(table.weight, std=0.02)
 
     @staticmethod
@@ -181,13 +189,26 @@ class MBT(Recommender):
         first = torch.zeros(B, 1, dtype=torch.long, device=items.device)
         return (torch.cat([first, it], 1), torch.cat([first + TIME_BOS, tm], 1), torch.cat([first + S, lv], 1))
 
+    def window_mask(self, bh: torch.Tensor) -> torch.Tensor:
+        """Behaviours of a merged timeline ``(B, M)`` -> ``(B, M, M)``: slot i sees BOS and, of each
+        behaviour, its last L events at slots j <= i (every slot j <= i in an evaluation row)."""
+        B, M = bh.shape
+        S = self.info.n_levels
+        count = F.one_hot(bh, S + 1)[..., :S].cumsum(1)  # (B, M, S): events of each level at slots <= i
+        level = bh.clamp(max=S - 1)  # BOS / padding: any level (BOS is always visible, padding never read)
+        at_i = count.gather(2, level[:, None, :].expand(-1, M, -1))  # (B, i, j): count[i, level of j]
+        at_j = count.gather(2, level[..., None])[..., 0]  # (B, j): count[j, level of j]
+        j = torch.arange(M, device=bh.device)
+        causal = j[None, :] <= j[:, None]
+        return causal & ((at_i - at_j[:, None, :] < (self.info.window or M)) | (j == 0))
+
     def user_vectors(self, batch):
         it, tm, bh = self.merge(batch["items"], batch["times"])
         M = it.shape[1]
         if M > MAX_POSITIONS:
             raise ConfigError(f"MBT: a merged timeline of {M} slots exceeds MAX_POSITIONS={MAX_POSITIONS}")
-        h = self.drop(self.item(it) + self.behaviour(bh) + self.pos.weight[:M])
-        allowed, types = causal_mask(M, h.device), F.one_hot(bh, self.behaviour.num_embeddings)
+        h = self.drop(self.item(it) + self.behaviour(bh) + self.pos(position_ids(tm)))
+        allowed, types = self.window_mask(bh)[:, None], F.one_hot(bh, self.behaviour.num_embeddings)
         for blk in self.blocks:
             h = blk(h, types, allowed)
         h = self.ln(h)
@@ -230,8 +251,9 @@ class DiffuRec(Recommender):
     elementwise, and reads x0_hat at the last position of a Transformer. Here all targets of a
     row train in one pass, as in SASRec: a causal Transformer encodes the deep history once
     (z_i = LayerNorm(Dropout(E[s_i])), no position embedding, as in the official code; BOS at
-    position 0), and for target k the query ``h_{idx_k} + lambda * (x_t + e(t))`` at its history
-    position idx_k attends to the history ``h_0..h_{idx_k}`` in one denoising block:
+    position 0; every attention within a window of the last L events), and for target k the query
+    ``h_{idx_k} + lambda * (x_t + e(t))`` at its history position idx_k attends to BOS and its last
+    L history states ``h_{idx_k-L+1}..h_{idx_k}`` in one denoising block:
     ``x0_hat = LayerNorm(Dropout(Block(query, h_{<=idx_k})))``. e(t) = MLP(sinusoidal(t * 1000 / T)).
     With delta = 0.001 the noised target enters at about a thousandth of the history state's
     scale, as in the official code.
@@ -288,7 +310,7 @@ class DiffuRec(Recommender):
         B, L1 = items.shape
         z = self.item(items)
         z = self.emb_ln(self.drop(torch.cat([self.bos.expand(B, 1, -1).to(z.dtype), z[:, 1:]], 1)))
-        h = self.encoder(z, causal_mask(L1, z.device))
+        h = self.encoder(z, window_mask(L1, self.info.window, z.device))
         return h, history_index(batch["times"][:, -1:], batch["target_times"])[:, 0]
 
     def denoise(self, h: torch.Tensor, idx: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -299,7 +321,9 @@ class DiffuRec(Recommender):
         c = x_t + self.t_embed(sinusoidal(t * (1000 / self.T), x_t.shape[-1]))  # x_t + e(t)
         lam = torch.normal(self.delta, self.delta, c.shape, device=c.device) if self.training else self.delta
         q = gather_positions(h, idx) + lam * c
-        visible = torch.arange(h.shape[1], device=h.device) <= idx[..., None]  # (B, K, L+1)
+        j = torch.arange(h.shape[1], device=h.device)
+        back = idx[..., None] - j  # (B, K, L+1): how far before the query each position lies
+        visible = (back >= 0) & ((back < (self.info.window or h.shape[1])) | (j == 0))  # the last L, and BOS
         return self.out_ln(self.drop(self.denoiser(q, visible, h)))
 
     def item_scores(self, y: torch.Tensor) -> torch.Tensor:
