@@ -104,14 +104,17 @@ def train_runs(cfgs: Iterable[Config], runs: str | Path, jobs: int | None = 1, l
 
 def _train_worker(cfg: dict[str, Any], runs: str, threads: int) -> None:
     torch.set_num_threads(threads)
-    train_cached(Config.from_dict(cfg), runs)
+    config = Config.from_dict(cfg)
+    config.train.progress = False  # workers share one console: no bars drawn over each other
+    train_cached(config, runs)
 
 
 def run_grid(datasets: Iterable[str], models: Iterable[str], seeds: Iterable[int], profile: str,
              runs: str | Path, overrides: dict[str, Any] | None = None, log=print, jobs: int | None = 1) -> pd.DataFrame:
     """Train (or reuse) every (dataset, model, seed), ``jobs`` at a time (see :func:`train_runs`);
-    one row per run and split with all metrics, the epochs trained and ``train_seconds`` (the
-    run's training epochs, validation excluded; NaN for untrained models such as pop)."""
+    one row per run and split with all metrics, the step and epoch of the best validation
+    (``best_step``, ``best_epoch``), the ``steps`` and ``epochs`` trained and ``train_seconds``
+    (validation excluded; NaN for untrained models such as pop)."""
     cfgs = grid_configs(datasets, models, seeds, profile, overrides)
     train_runs(cfgs, runs, jobs, log)
     rows = []
@@ -121,37 +124,40 @@ def run_grid(datasets: Iterable[str], models: Iterable[str], seeds: Iterable[int
         log(f"{dataset:>20} {model:>10} seed {seed}: test NDCG@10 {result['test']['NDCG@10']:.4f}")
         for split in ("valid", "test"):
             rows.append({"dataset": dataset, "model": model, "seed": seed, "split": split,
-                         "best_epoch": result.get("best_epoch"), "epochs": cost.epochs,
-                         "train_seconds": cost.train_seconds, **result[split]})
+                         "best_step": result.get("best_step"), "best_epoch": result.get("best_epoch"),
+                         "steps": cost.steps, "epochs": cost.epochs, "train_seconds": cost.train_seconds,
+                         **result[split]})
     return pd.DataFrame(rows)
 
 
 def run_costs(cfgs: Iterable[Config], runs: str | Path, unique: bool = True) -> pd.DataFrame:
-    """One row per run (per distinct run with ``unique``): its folder name, dataset, model, seed,
-    ``epochs`` trained and ``train_seconds`` (the sum of ``history.csv``'s per-epoch ``seconds``,
-    validation excluded; NaN when nothing trains, e.g. pop)."""
+    """One row per run (per distinct run with ``unique``): its folder name, dataset, model, seed, the
+    ``steps`` and ``epochs`` trained and ``train_seconds`` (the sum of ``history.csv``'s ``seconds``,
+    validation excluded; 0 steps and NaN seconds when nothing trains, e.g. pop)."""
     rows, seen = [], set()
     for cfg in cfgs:
         run = run_dir(cfg, runs)
         if unique and run in seen:
             continue
         seen.add(run)
-        history = run / "history.csv"  # one row per training epoch; absent when nothing trains
-        seconds = _history_seconds(history) if history.exists() else pd.Series([], dtype=float)
+        history = run / "history.csv"  # one row per validation; absent when nothing trains
+        steps, epochs, seconds = _history_totals(history) if history.exists() else (0, 0.0, float("nan"))
         rows.append({"run": run.name, "dataset": cfg.data.dataset, "model": cfg.model.model, "seed": cfg.train.seed,
-                     "epochs": len(seconds), "train_seconds": seconds.sum() if len(seconds) else float("nan")})
-    return pd.DataFrame(rows, columns=["run", "dataset", "model", "seed", "epochs", "train_seconds"])
+                     "steps": steps, "epochs": epochs, "train_seconds": seconds})
+    return pd.DataFrame(rows, columns=["run", "dataset", "model", "seed", "steps", "epochs", "train_seconds"])
 
 
-def _history_seconds(path: Path) -> pd.Series:
-    """A run's per-epoch training seconds; a history.csv without them raises CheckpointError naming it."""
+def _history_totals(path: Path) -> tuple[int, float, float]:
+    """(steps, epochs, training seconds) of a run: its ``history.csv``'s last ``step`` and ``epoch`` and
+    the sum of its ``seconds``; a history without them raises CheckpointError naming it."""
     try:
-        seconds = pd.to_numeric(pd.read_csv(path)["seconds"])
-        if seconds.isna().any():
-            raise ValueError("an empty 'seconds' value")
+        h = pd.read_csv(path)[["step", "epoch", "seconds"]].apply(pd.to_numeric)
+        if h.empty or h.isna().any().any():
+            raise ValueError("no rows, or an empty value")
     except (ValueError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise CheckpointError(f"{path}: expected a run's history with a numeric 'seconds' column ({e!r})") from None
-    return seconds
+        raise CheckpointError(f"{path}: expected a run's history with numeric 'step', 'epoch' and 'seconds' "
+                              f"columns ({e!r})") from None
+    return int(h["step"].iloc[-1]), float(h["epoch"].iloc[-1]), float(h["seconds"].sum())
 
 
 def summarize(results: pd.DataFrame, metrics=TABLE_METRICS, split: str = "test") -> pd.DataFrame:
