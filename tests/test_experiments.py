@@ -1,4 +1,6 @@
 """Grids of cached runs, the tables made from them, and the paired significance test."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -232,6 +234,31 @@ def test_train_seconds_are_the_sum_over_the_history_for_every_row_of_the_grid(tm
     res = experiments.run_grid(["synthetic"], ["sasrec"], [0, 0], "ci", tmp_path, OVER, log=lambda *_: None)
     assert len(res) == 4 and res["train_seconds"].tolist() == [4.0] * 4 and res["steps"].tolist() == [8] * 4
     assert res["best_step"].tolist() == [4] * 4 and res["best_epoch"].tolist() == [1.333] * 4
+
+
+def test_a_change_to_the_code_that_trains_a_run_names_a_new_run_folder(tmp_path, monkeypatch):
+    """A run folder is named by the config and the code version (the sources that train and score runs):
+    editing a model's source changes the version, editing a file outside them (viz.py) does not, and a
+    new version names another folder, so a finished run of older code is not reused. Its metrics.json
+    holds no code version: identical runs of any code write identical files."""
+    import shutil
+
+    from m3bsr import train
+    package = tmp_path / "m3bsr"
+    shutil.copytree(Path(train.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = train.source_hash(package)
+    assert before == train.source_hash(Path(train.__file__).parent) and before.startswith(train.code_version())
+    (package / "viz.py").write_text((package / "viz.py").read_text() + "\n# a figure tweak\n")
+    assert train.source_hash(package) == before
+    sasrec = package / "models" / "sequential.py"
+    sasrec.write_text(sasrec.read_text().replace("import torch", "import torch  # edited", 1))
+    assert train.source_hash(package) != before
+    cfg = experiments.grid_configs(["synthetic"], ["sasrec"], [0], "ci", OVER)[0]
+    _finished_run(cfg, tmp_path / "runs", [1.0])
+    assert run_dir(cfg, tmp_path / "runs").name.endswith(f"{cfg.hash()}-{train.code_version()}")
+    monkeypatch.setattr(train, "code_version", lambda: "0ther000")
+    assert not (run_dir(cfg, tmp_path / "runs") / "metrics.json").exists()  # the old run is not found
+    assert run_dir(cfg, tmp_path / "runs").name.endswith(f"{cfg.hash()}-0ther000")
 
 
 def test_popularity_buckets_on_known_counts():

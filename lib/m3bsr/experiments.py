@@ -1,8 +1,9 @@
 """Grids of cached runs and the tables made from them (used by the notebooks and ``make reproduce``).
 
 Every cell of a table is one run: ``python -m m3bsr train --dataset D --model M --profile P --seed S``;
-:func:`run_grid` trains each missing run under ``runs/`` (reusing finished ones by config hash)
-and returns one row per (dataset, model, seed, split). :func:`train_runs` trains a list of runs
+:func:`run_grid` trains each missing run under ``runs/`` (reusing finished ones: a run folder is named
+by the config's hash and the version of the code that trains it, ``train.run_dir``) and returns one
+row per (dataset, model, seed, split). :func:`train_runs` trains a list of runs
 ``jobs`` at a time, each in its own process.
 """
 from __future__ import annotations

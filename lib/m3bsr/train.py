@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import ctypes
+import functools
 import hashlib
 import inspect
 import io
@@ -828,10 +829,34 @@ def evaluate_run(run: str | Path, device: str = "auto", overrides: dict[str, Any
     return {"valid": trainer.evaluate("valid"), "test": trainer.evaluate("test")}
 
 
+# The code a run's numbers come from (relative to the package folder): it names run folders with the config.
+RUN_SOURCES = ("config.py", "data", "metrics.py", "models", "train.py")
+
+
+def source_hash(package: str | Path = Path(__file__).parent) -> str:
+    """SHA-256 over the ``.py`` files of :data:`RUN_SOURCES` under ``package``: each file's path
+    (relative to ``package``) and the SHA-256 of its bytes, in path order."""
+    package = Path(package)
+    files = sorted(f for name in RUN_SOURCES
+                   for f in ([package / name] if (package / name).is_file() else (package / name).rglob("*.py")))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(package).as_posix()} {hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+@functools.cache
+def code_version() -> str:
+    """This package's :func:`source_hash`, 8 hex digits (computed once per process)."""
+    return source_hash()[:8]
+
+
 def run_dir(cfg: Config, runs: str | Path) -> Path:
-    """``<runs>/<dataset>-<model>-s<seed>-<config hash>``: one folder per distinct config."""
+    """``<runs>/<dataset>-<model>-s<seed>-<config hash>-<code version>``: one folder per distinct
+    config and code. Any change to the code that trains and scores a run (:data:`RUN_SOURCES`) names
+    new folders, so a cached run is never one that older code trained."""
     name = cfg.data.dataset if cfg.data.dataset != "csv" else Path(cfg.data.data_file or "csv").stem
-    return Path(runs) / f"{name}-{cfg.model.model}-s{cfg.train.seed}-{cfg.hash()}"
+    return Path(runs) / f"{name}-{cfg.model.model}-s{cfg.train.seed}-{cfg.hash()}-{code_version()}"
 
 
 def train_cached(cfg: Config, runs: str | Path, dataset: Dataset | None = None) -> dict[str, Any]:
