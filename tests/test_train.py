@@ -666,13 +666,13 @@ def test_the_progress_bar_shows_in_a_terminal_or_a_notebook_but_not_under_ci(mon
     under CI=true or progress=False."""
     monkeypatch.setattr(train, "_in_jupyter", lambda: True)
     monkeypatch.delenv("CI", raising=False)
-    assert not train._progress(10, 0, "x", True).disable
-    assert train._progress(10, 0, "x", False).disable
+    assert not train.progress_bar(10, 0, "x", True).disable
+    assert train.progress_bar(10, 0, "x", False).disable
     monkeypatch.setenv("CI", "true")
-    assert train._progress(10, 0, "x", True).disable
+    assert train.progress_bar(10, 0, "x", True).disable
     monkeypatch.delenv("CI")
     monkeypatch.setattr(train, "_in_jupyter", lambda: False)  # pytest's stderr: captured, not a terminal
-    assert train._progress(10, 0, "x", True).disable
+    assert train.progress_bar(10, 0, "x", True).disable
 
 
 def test_a_renamed_field_names_its_replacement():

@@ -22,7 +22,8 @@ import torch
 from .config import Config, check_jobs, make_config
 from .data.schema import Dataset
 from .metrics import metrics_from_ranks, ndcg_per_row
-from .train import CheckpointError, Trainer, load_data, load_trained, resolve_device, run_dir, train_cached
+from .train import (CheckpointError, Trainer, load_data, load_trained, progress_bar, resolve_device, run_dir,
+                    train_cached)
 
 TABLE_METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
 
@@ -63,7 +64,8 @@ def train_runs(cfgs: Iterable[Config], runs: str | Path, jobs: int | None = 1, l
     caches filled. On a CPU, small models use several threads poorly, so k one-thread runs side by
     side beat k-thread runs one after another (README, "Running time"). A run's numbers depend on
     its config, seed and device, not on the process that trains it. ``jobs=None``: :func:`default_jobs`.
-    The first failure (or an interrupt) stops every worker and is raised here.
+    The workers draw no progress bars; a bar here counts the finished runs (with the first run's
+    ``progress``). The first failure (or an interrupt) stops every worker and is raised here.
     """
     check_jobs(jobs)
     todo: dict[Path, Config] = {}
@@ -92,9 +94,11 @@ def train_runs(cfgs: Iterable[Config], runs: str | Path, jobs: int | None = 1, l
         # M3BSR runs first (the longest, results/04_train_time.md): short runs fill the last gaps
         order = sorted(todo.items(), key=lambda item: item[1].model.model != "m3bsr")
         futures = {pool.submit(_train_worker, cfg.to_dict(), str(runs), threads): out.name for out, cfg in order}
-        for i, done in enumerate(as_completed(futures), 1):
-            done.result()  # a worker's exception is raised here
-            log(f"  {i}/{len(futures)} {futures[done]}")
+        with progress_bar(len(futures), 0, "runs", order[0][1].train.progress, "run") as bar:
+            for i, done in enumerate(as_completed(futures), 1):
+                done.result()  # a worker's exception is raised here
+                log(f"  {i}/{len(futures)} {futures[done]}")
+                bar.update(1)
     except BaseException:  # a failure or an interrupt stops every worker; their runs resume next time
         for process in list(pool._processes.values()):  # no public way before Python 3.14's terminate_workers
             process.terminate()

@@ -689,7 +689,7 @@ class Trainer:
                      t.eval_steps, t.patience_steps, t.min_steps, f"; run folder {self.out}" if self.out else "",
                      f"; resumed at step {self.steps}" if resumed else "")
         self.best_model = None
-        bar = _progress(budget, self.steps, f"{self.cfg.model.model} {self.ds.name}", t.progress and main)
+        bar = progress_bar(budget, self.steps, f"{self.cfg.model.model} {self.ds.name}", t.progress and main)
         with bar, _logging_beside(bar):
             while not self._stopped():
                 t0 = time.perf_counter()
@@ -766,13 +766,13 @@ def _in_jupyter() -> bool:
     return shell is not None and "IPKernelApp" in shell.config
 
 
-def _progress(total: int, initial: int, desc: str, enabled: bool):
-    """A ``tqdm.auto`` bar over the steps (a widget in Jupyter, text in a terminal). Shown where someone
-    watches: stderr a terminal, or a Jupyter kernel; never with ``CI=true`` (tests, CI logs)."""
+def progress_bar(total: int, initial: int, desc: str, enabled: bool, unit: str = "step"):
+    """A ``tqdm.auto`` bar (a widget in Jupyter, text in a terminal). Shown where someone watches:
+    stderr a terminal, or a Jupyter kernel; never with ``CI=true`` (tests, CI logs)."""
     from tqdm.auto import tqdm  # noqa: PLC0415
     show = (enabled and os.environ.get("CI", "").lower() not in ("1", "true")
             and (sys.stderr.isatty() or _in_jupyter()))
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", leave=False, disable=not show)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, disable=not show)
 
 
 def _logging_beside(bar) -> contextlib.AbstractContextManager:
