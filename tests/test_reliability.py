@@ -79,9 +79,9 @@ def kill_at_random_moment(cmd: list[str], out: Path, rng: random.Random, tmp_pat
 
 
 def test_sigkill_at_a_random_moment_then_resume_gives_identical_metrics(tmp_path):
-    # 60 epochs of 3 steps, long enough that a kill always lands mid-training; validation (and last.pt)
+    # 40 epochs of 3 steps, long enough that a kill always lands mid-training; validation (and last.pt)
     # every 2 steps, so most checkpoints fall inside an epoch
-    epochs, steps = 60, 180
+    epochs, steps = 40, 120
     extra = ("--set", f"max_steps={steps}", "--set", "patience_steps=1000", "--set", "eval_steps=2")
     cache = tmp_path / "cache"
     run(train_cmd(tmp_path / "full", cache, "sasrec", epochs, *extra), tmp_path)
