@@ -419,7 +419,8 @@ def shard_batches(split: dict[str, torch.Tensor], batch_size: int, generator: to
 # ---------------------------------------------------------------- the trainer
 
 class Trainer:
-    """Train one model on one dataset. ``out`` holds config.json, history.csv, checkpoints, metrics.json."""
+    """Train one model on one dataset. ``out`` holds config.json, history.csv, checkpoints, metrics.json,
+    train.log."""
 
     def __init__(self, cfg: Config, out: str | Path | None = None, dataset: Dataset | None = None):
         self.cfg = cfg
