@@ -154,9 +154,10 @@ def test_dispatcher_errors(tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [("max_len", 0), ("max_len", 512), ("min_deep", 1), ("batch_size", 0),
-                                        ("eval_batch_size", -1), ("eval_every", 0), ("sampled_negatives", -5),
+                                        ("eval_batch_size", -1), ("eval_steps", 0), ("sampled_negatives", -5),
                                         ("syn_clusters", 0), ("syn_noise", 1.5), ("syn_noise", float("nan")),
-                                        ("patience", 0), ("heads", 0), ("lr", -1), ("weight_decay", -0.1),
+                                        ("patience_steps", 0), ("min_steps", -1), ("heads", 0), ("lr", -1),
+                                        ("weight_decay", -0.1),
                                         ("lambda_c", -1), ("lambda_b", float("nan")), ("mask_ratio", 1.5),
                                         ("tau", 0), ("tau", float("nan")), ("lr", float("inf")), ("max_steps", 0),
                                         ("inference_steps", 0),
@@ -472,13 +473,13 @@ def test_perturbation_rejects_out_of_range(kw):
 
 
 def test_added_fields_leave_existing_run_hashes_alone():
-    """Run folders are named by the config hash; a field added later (ADDED_FIELDS) changes it only
-    when set. 05f0b47cdd00 is the default synthetic M3BSR seed-0 run of notebooks 02-06; 4ac0faf3a0a8
+    """Run folders are named by the config hash (and the code version); a field added later (ADDED_FIELDS)
+    changes it only when set. d6cf8600a688 is the default synthetic M3BSR seed-0 run of notebooks 02-06; 24189db8f012
     the same run under the paper's reading (the README's `schedule: cosine, lambda_c: 0.1` commands)."""
     run = {"dataset": "synthetic", "model": "m3bsr", "seed": 0}
     cfg = make_config("default", run)
-    assert cfg.hash() == "05f0b47cdd00"
-    assert make_config("default", {**run, "schedule": "cosine", "lambda_c": 0.1}).hash() == "4ac0faf3a0a8"
+    assert cfg.hash() == "d6cf8600a688"
+    assert make_config("default", {**run, "schedule": "cosine", "lambda_c": 0.1}).hash() == "24189db8f012"
     assert make_config("default", {**run, "deep_noise": 0.1}).hash() != cfg.hash()
 
 

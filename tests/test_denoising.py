@@ -38,7 +38,8 @@ def denoising_scores(schedule: str, epochs: int = EPOCHS) -> dict[str, float]:
     try:
         cfg = make_config("ci", {"dataset": "synthetic", "model": "m3bsr", "seed": 0, "device": "cpu",
                                  "progress": False, "schedule": schedule, "lambda_c": 0.001,
-                                 "epochs": epochs, "patience": max(epochs, 1), "sampled_negatives": 0})
+                                 "epochs": epochs, "max_steps": 1000, "eval_steps": 3, "patience_steps": 1000,
+                                 "sampled_negatives": 0})  # validated every epoch (3 steps), no early stop
         ds = load_dataset(cfg.data)
         trainer = Trainer(cfg, None, dataset=ds)
         if epochs:

@@ -28,9 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 150
 LOSS_RTOL = 1e-4
 METRIC_ATOL = 1e-6
-# 3 epochs x 3 steps of 64 rows; eval batches of 32 rows, so both ranks score some of the 150 users
+# 3 epochs x 3 steps of 64 rows, validated every 2 steps (inside the epochs); eval batches of 32 rows, so both
+# ranks score some of the 150 users
 COMMON = ["--dataset", "synthetic", "--model", "sasrec", "--profile", "ci", "--epochs", "3", "--seed", "1",
-          "--set", "dropout=0", "--set", "patience=10", "--set", "eval_batch_size=32", "--set", "progress=false"]
+          "--set", "dropout=0", "--set", "eval_steps=2", "--set", "patience_steps=100", "--set", "eval_batch_size=32",
+          "--set", "progress=false"]
 
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -71,19 +73,19 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert r.stdout.count('"valid"') == 1, "only rank 0 prints the result"
 
     h1, h2 = history(one), history(two)
-    assert len(h1) == len(h2) == 3
-    for a, b in zip(h1, h2):  # loss after 3, 6, 9 optimiser steps (mean over the epoch's global batches)
+    assert [a["step"] for a in h1] == [b["step"] for b in h2] == [2, 4, 6, 8, 9]
+    for a, b in zip(h1, h2):  # mean loss over the global batches since the previous validation
         assert set(a) == set(b)
         for k in ("loss", "ce"):
-            assert b[k] == pytest.approx(a[k], rel=LOSS_RTOL), (k, a["epoch"])
+            assert b[k] == pytest.approx(a[k], rel=LOSS_RTOL), (k, a["step"])
     m1, m2 = json.loads((one / "metrics.json").read_text()), json.loads((two / "metrics.json").read_text())
-    assert m1["best_epoch"] == m2["best_epoch"] and m1["n_eval_users"] == m2["n_eval_users"] == 150
+    assert m1["best_step"] == m2["best_step"] and m1["n_eval_users"] == m2["n_eval_users"] == 150
     for split in ("valid", "test"):
         assert m2[split] == pytest.approx(m1[split], abs=METRIC_ATOL, rel=0), split
 
     # rank 0 alone wrote the run folder; its checkpoint holds both ranks' RNG states
     assert sorted(p.name for p in two.iterdir()) == ["best.pt", "config.json", "history.csv", "last.pt",
-                                                    "metrics.json"]
+                                                    "metrics.json", "train.log"]
     from m3bsr.train import load_checkpoint
     assert len(load_checkpoint(two / "last.pt")["rng_ranks"]) == 2
 

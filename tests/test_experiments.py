@@ -1,4 +1,6 @@
 """Grids of cached runs, the tables made from them, and the paired significance test."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,7 +23,8 @@ def test_grid_has_one_row_per_run_and_split_and_reuses_finished_runs(grid):
     assert len(res) == 2 * 2 * 2 and set(res["split"]) == {"valid", "test"}
     sasrec, pop = res[res["model"] == "sasrec"], res[res["model"] == "pop"]
     assert (sasrec["epochs"] == OVER["epochs"]).all() and (sasrec["train_seconds"] > 0).all()
-    assert (pop["epochs"] == 0).all() and pop["train_seconds"].isna().all()  # nothing to train
+    assert (sasrec["steps"] == 6).all() and sasrec["best_step"].isin([4, 6]).all()  # ci: 3 steps per epoch
+    assert (pop["steps"] == 0).all() and pop["train_seconds"].isna().all()  # nothing to train
     again = experiments.run_grid(["synthetic"], ["pop", "sasrec"], [0, 1], "ci", runs, OVER, log=lambda *_: None)
     assert again.equals(res)
     cfgs = experiments.grid_configs(["synthetic"], ["pop", "sasrec"], [0, 1], "ci", OVER)
@@ -44,7 +47,8 @@ def test_damaged_run_files_are_refused_by_name(grid, tmp_path):
         (run / "metrics.json").write_text(damaged)
         with pytest.raises(CheckpointError, match="metrics.json"):
             experiments.run_grid(["synthetic"], ["sasrec"], [0], "ci", copy, OVER, log=lambda *_: None)
-    for damaged in ("", "epoch,loss\n1,2.0\n", "epoch,seconds\n1,abc\n", "epoch,seconds\n1,\n"):
+    for damaged in ("", "step,epoch,loss\n1,2.0,3.0\n", "step,epoch,seconds\n1,1.0,abc\n",
+                    "step,epoch,seconds\n1,1.0,\n", "epoch,seconds\n1,2.0\n", "step,epoch,seconds\n"):
         (run / "history.csv").write_text(damaged)
         with pytest.raises(CheckpointError, match="history.csv"):
             experiments.run_costs(cfgs, copy)
@@ -208,24 +212,53 @@ def test_paired_test_formulas_on_known_ranks(monkeypatch):
 
 
 def _finished_run(cfg, runs, seconds):
-    """A run folder as a finished run leaves it: metrics.json and a history of per-epoch seconds."""
+    """A run folder as a finished run leaves it: metrics.json and a history of validations every 4 steps
+    (3 steps per epoch), each with the seconds its steps took."""
     import json
     run = run_dir(cfg, runs)
     run.mkdir(parents=True, exist_ok=True)
     metrics = {"NDCG@10": 0.1, "HR@10": 0.2}
-    (run / "metrics.json").write_text(json.dumps({"valid": metrics, "test": metrics, "best_epoch": len(seconds)}))
-    (run / "history.csv").write_text("epoch,loss,seconds\n" + "".join(f"{i},1.0,{s}\n" for i, s in enumerate(seconds, 1)))
+    result = {"valid": metrics, "test": metrics, "best_step": 4, "best_epoch": 1.333}
+    (run / "metrics.json").write_text(json.dumps(result))
+    (run / "history.csv").write_text("step,epoch,loss,seconds\n" + "".join(
+        f"{4 * i},{round(4 * i / 3, 3)},1.0,{s}\n" for i, s in enumerate(seconds, 1)))
 
 
-def test_train_seconds_are_the_sum_of_the_epochs_for_every_row_of_the_grid(tmp_path):
-    """Catches train_seconds averaged over the epochs, and a grid listing a run twice (seed 0 twice) losing
-    rows when its run costs are listed once per distinct run."""
+def test_train_seconds_are_the_sum_over_the_history_for_every_row_of_the_grid(tmp_path):
+    """Catches train_seconds averaged over the validations, steps and epochs counted as history rows, and a
+    grid listing a run twice (seed 0 twice) losing rows when its run costs are listed once per distinct run."""
     cfg = experiments.grid_configs(["synthetic"], ["sasrec"], [0], "ci", OVER)[0]
     _finished_run(cfg, tmp_path, [1.5, 2.5])
     cost = experiments.run_costs([cfg], tmp_path)
-    assert cost["epochs"].tolist() == [2] and cost["train_seconds"].tolist() == [4.0]
+    assert cost[["steps", "epochs", "train_seconds"]].values.tolist() == [[8, 2.667, 4.0]]
     res = experiments.run_grid(["synthetic"], ["sasrec"], [0, 0], "ci", tmp_path, OVER, log=lambda *_: None)
-    assert len(res) == 4 and res["train_seconds"].tolist() == [4.0] * 4 and res["best_epoch"].tolist() == [2] * 4
+    assert len(res) == 4 and res["train_seconds"].tolist() == [4.0] * 4 and res["steps"].tolist() == [8] * 4
+    assert res["best_step"].tolist() == [4] * 4 and res["best_epoch"].tolist() == [1.333] * 4
+
+
+def test_a_change_to_the_code_that_trains_a_run_names_a_new_run_folder(tmp_path, monkeypatch):
+    """A run folder is named by the config and the code version (the sources that train and score runs):
+    editing a model's source changes the version, editing a file outside them (viz.py) does not, and a
+    new version names another folder, so a finished run of older code is not reused. Its metrics.json
+    holds no code version: identical runs of any code write identical files."""
+    import shutil
+
+    from m3bsr import train
+    package = tmp_path / "m3bsr"
+    shutil.copytree(Path(train.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = train.source_hash(package)
+    assert before == train.source_hash(Path(train.__file__).parent) and before.startswith(train.code_version())
+    (package / "viz.py").write_text((package / "viz.py").read_text() + "\n# a figure tweak\n")
+    assert train.source_hash(package) == before
+    sasrec = package / "models" / "sequential.py"
+    sasrec.write_text(sasrec.read_text().replace("import torch", "import torch  # edited", 1))
+    assert train.source_hash(package) != before
+    cfg = experiments.grid_configs(["synthetic"], ["sasrec"], [0], "ci", OVER)[0]
+    _finished_run(cfg, tmp_path / "runs", [1.0])
+    assert run_dir(cfg, tmp_path / "runs").name.endswith(f"{cfg.hash()}-{train.code_version()}")
+    monkeypatch.setattr(train, "code_version", lambda: "0ther000")
+    assert not (run_dir(cfg, tmp_path / "runs") / "metrics.json").exists()  # the old run is not found
+    assert run_dir(cfg, tmp_path / "runs").name.endswith(f"{cfg.hash()}-0ther000")
 
 
 def test_popularity_buckets_on_known_counts():

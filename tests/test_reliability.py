@@ -79,7 +79,10 @@ def kill_at_random_moment(cmd: list[str], out: Path, rng: random.Random, tmp_pat
 
 
 def test_sigkill_at_a_random_moment_then_resume_gives_identical_metrics(tmp_path):
-    epochs, extra = 60, ("--set", "patience=1000")  # long enough that a kill always lands mid-training
+    # 40 epochs of 3 steps, long enough that a kill always lands mid-training; validation (and last.pt)
+    # every 2 steps, so most checkpoints fall inside an epoch
+    epochs, steps = 40, 120
+    extra = ("--set", f"max_steps={steps}", "--set", "patience_steps=1000", "--set", "eval_steps=2")
     cache = tmp_path / "cache"
     run(train_cmd(tmp_path / "full", cache, "sasrec", epochs, *extra), tmp_path)
 
@@ -88,9 +91,9 @@ def test_sigkill_at_a_random_moment_then_resume_gives_identical_metrics(tmp_path
     seed = random.randrange(2 ** 32)
     rng = random.Random(seed)
     delays = [kill_at_random_moment(cmd, cut, rng, tmp_path)]  # killed in the first run
-    first_epoch = load_checkpoint(cut / "last.pt")["epoch"]
+    first_step = load_checkpoint(cut / "last.pt")["steps"]
     delays.append(kill_at_random_moment([*cmd, "--resume"], cut, rng, tmp_path))  # and again while resuming
-    assert 1 <= first_epoch <= load_checkpoint(cut / "last.pt")["epoch"] < epochs, (seed, delays)
+    assert 2 <= first_step <= load_checkpoint(cut / "last.pt")["steps"] < steps, (seed, delays)
     run([*cmd, "--resume"], tmp_path)
 
     same = (cut / "metrics.json").read_bytes() == (tmp_path / "full" / "metrics.json").read_bytes()
@@ -98,24 +101,24 @@ def test_sigkill_at_a_random_moment_then_resume_gives_identical_metrics(tmp_path
     assert "seconds" not in (cut / "metrics.json").read_text()
     full_hist = (tmp_path / "full" / "history.csv").read_text().splitlines()
     cut_hist = (cut / "history.csv").read_text().splitlines()
-    assert len(cut_hist) == len(full_hist) == epochs + 1
+    assert len(cut_hist) == len(full_hist) == steps // 2 + 1
     assert [r.rsplit(",", 1)[0] for r in cut_hist] == [r.rsplit(",", 1)[0] for r in full_hist]  # all but seconds
     assert not [p for p in cut.iterdir() if ".tmp" in p.name], "no temporary file left behind"
 
 
 def ci_config(tmp_path: Path, **over):
     return make_config("ci", {"dataset": "synthetic", "cache_dir": str(tmp_path / "cache"), "progress": False,
-                              "model": "sasrec", "patience": 10, **over})
+                              "model": "sasrec", "patience_steps": 100, **over})
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    full = Trainer(ci_config(tmp_path, epochs=3), tmp_path / "full").fit()
+    full = Trainer(ci_config(tmp_path, max_steps=9, eval_steps=2), tmp_path / "full").fit()
     out2 = tmp_path / "run"
-    tr = Trainer(ci_config(tmp_path, epochs=3), out2)
+    tr = Trainer(ci_config(tmp_path, max_steps=9, eval_steps=2), out2)
     import m3bsr.files as files_mod
     real_replace, saves = os.replace, []
 
-    def dying_replace(src, dst):  # the process dies in the middle of the 3rd epoch's last.pt write
+    def dying_replace(src, dst):  # the process dies in the middle of the 3rd validation's last.pt write
         if Path(dst).name == "last.pt":
             saves.append(dst)
             if len(saves) == 3:
@@ -126,12 +129,12 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         tr.fit()
     monkeypatch.setattr(files_mod.os, "replace", real_replace)
-    assert load_checkpoint(out2 / "last.pt")["epoch"] == 2, "the previous good last.pt is still there"
+    assert load_checkpoint(out2 / "last.pt")["steps"] == 4, "the previous good last.pt is still there"
     assert not list(out2.glob(".*.tmp*")), "an interrupted write removes its temporary file"
     # a SIGKILL leaves the temporary file behind: plant one, half written, next to the real checkpoint
     stray = out2 / f".last.pt.tmp{os.getpid() + 1}"
     stray.write_bytes((out2 / "last.pt").read_bytes()[:1000])
-    resumed = Trainer(ci_config(tmp_path, epochs=3), out2).fit(resume=True)
+    resumed = Trainer(ci_config(tmp_path, max_steps=9, eval_steps=2), out2).fit(resume=True)
     assert not stray.exists(), "stale temporaries are removed on restart"
     assert resumed == full
     assert (out2 / "metrics.json").read_bytes() == (tmp_path / "full" / "metrics.json").read_bytes()
@@ -145,13 +148,13 @@ def test_truncated_last_checkpoint_is_refused_and_best_survives(tmp_path, capsys
     (out / "last.pt").write_bytes(raw[: len(raw) // 3])  # e.g. a non-atomic copy, a full disk
     (out / f".last.pt.tmp{os.getpid() + 7}").write_bytes(raw[:100])  # and a writer's leftover
     args = ["train", "--dataset", "synthetic", "--model", "sasrec", "--profile", "ci", "--epochs", "2",
-            "--out", str(out), "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "patience=10",
+            "--out", str(out), "--set", f"cache_dir={tmp_path / 'cache'}",
             "--set", "progress=false", "--resume"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "last.pt" in err and "truncated or corrupted" in err and "Traceback" not in err
     assert (out / "metrics.json").read_bytes() == metrics, "nothing was trained from the bad checkpoint"
-    assert load_checkpoint(out / "best.pt")["epoch"] >= 1, "best.pt survives and verifies"
+    assert load_checkpoint(out / "best.pt")["steps"] >= 1, "best.pt survives and verifies"
     assert main(["evaluate", "--run", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["test"] == json.loads(metrics)["test"]
     # a checkpoint with a bad header is refused the same way

@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -37,25 +38,30 @@ def test_same_seed_gives_identical_metrics(tmp_path):
     assert a["test"] == b["test"]
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    full = Trainer(ci_config(tmp_path, epochs=4, patience=10), tmp_path / "full").fit()
-    # "crash" after two epochs, then resume in the same folder with the full budget
-    cut = Trainer(ci_config(tmp_path, epochs=4, patience=10), tmp_path / "cut")
-    real_epoch, calls = cut.train_epoch, []
+def _recording_rows(tr: Trainer, rows: list) -> Trainer:
+    """``tr`` with each training step's users appended to ``rows``."""
+    real = tr.model.loss
+    tr.model.loss = lambda batch: rows.append(batch["users"].tolist()) or real(batch)
+    return tr
 
-    def crash_in_third_epoch():
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # the process dies mid-run; last.pt holds epoch 2
-        return real_epoch()
 
-    cut.train_epoch = crash_in_third_epoch
-    with pytest.raises(KeyboardInterrupt):
-        cut.fit()
-    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 2
-    resumed = Trainer(ci_config(tmp_path, epochs=4, patience=10), tmp_path / "cut").fit(resume=True)
+def test_a_run_resumed_in_the_middle_of_an_epoch_equals_the_uninterrupted_run(tmp_path):
+    """Validation (and last.pt) every 2 steps, 3 steps per epoch: the run dies after step 4, inside its
+    second epoch, and resumes. Catches the data order of that epoch redrawn or restarted at its first
+    batch, and any state not restored: the same rows at every step, the same history and metrics.json."""
+    def config():
+        return ci_config(tmp_path, eval_steps=2, max_steps=10, patience_steps=100)
+    full_rows, cut_rows, resumed_rows = [], [], []
+    full = _recording_rows(Trainer(config(), tmp_path / "full"), full_rows).fit()
+    _die_in_third_stretch(_recording_rows(Trainer(config(), tmp_path / "cut"), cut_rows))
+    saved = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert (saved["steps"], saved["epoch"], saved["batch"]) == (4, 1, 1)  # one epoch and one batch done
+    resumed = _recording_rows(Trainer(config(), tmp_path / "cut"), resumed_rows).fit(resume=True)
+    assert len(full_rows) == 10 and cut_rows + resumed_rows == full_rows
     assert resumed["test"] == full["test"] and resumed["valid"] == full["valid"]
     assert (tmp_path / "cut" / "metrics.json").read_text() == (tmp_path / "full" / "metrics.json").read_text()
+    cut_hist, full_hist = (list(csv.DictReader((tmp_path / r / "history.csv").open())) for r in ("cut", "full"))
+    assert [{**r, "seconds": 0} for r in cut_hist] == [{**r, "seconds": 0} for r in full_hist]
 
 
 def test_compiled_training_follows_the_eager_run(tmp_path, monkeypatch):
@@ -64,7 +70,7 @@ def test_compiled_training_follows_the_eager_run(tmp_path, monkeypatch):
     compiled_fns, real = [], torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, *a, **kw: compiled_fns.append(fn) or real(fn, *a, **kw))
     for c in (False, True):
-        Trainer(ci_config(tmp_path, compile=c, dropout=0.0, epochs=2, patience=10), tmp_path / str(c)).fit()
+        Trainer(ci_config(tmp_path, compile=c, dropout=0.0, max_steps=6, eval_steps=3), tmp_path / str(c)).fit()
         assert len(compiled_fns) == int(c)  # only the compiled run goes through torch.compile
     eager, compiled = (list(csv.DictReader((tmp_path / str(c) / "history.csv").open())) for c in (False, True))
     assert len(eager) == len(compiled) == 2
@@ -263,15 +269,18 @@ def test_mask_seen_leaves_out_every_item_seen_before_the_target(tmp_path, eval_b
     assert tr.ranks("test")[0].gt(4).all()  # ci users met more items than the 3-event windows hold
 
 
-def test_eval_every_validates_every_nth_epoch_and_after_the_last(tmp_path):
-    """eval_every=2 over 5 epochs validates after epochs 2, 4 and 5; patience counts validations."""
-    res = Trainer(ci_config(tmp_path, epochs=5, patience=10, eval_every=2), tmp_path / "run").fit()
+def test_validation_every_eval_steps_and_at_the_end_of_the_budget(tmp_path):
+    """eval_steps=4 and a budget of 10 steps (3 steps per epoch) validate after steps 4, 8 and 10: one
+    history row each, with the epochs made and the seconds the steps took. An epochs cap of 2 ends the
+    budget at step 6. Catches the last steps left unvalidated and the epoch cap ignored."""
+    res = Trainer(ci_config(tmp_path, max_steps=10, eval_steps=4), tmp_path / "run").fit()
     rows = list(csv.DictReader((tmp_path / "run" / "history.csv").open()))
-    assert [r["epoch"] for r in rows if r["valid_NDCG@10"]] == ["2", "4", "5"] and len(rows) == 5
-    assert res["best_epoch"] in (2, 4, 5)
-    tr = Trainer(ci_config(tmp_path, epochs=20, patience=1, eval_every=3, lr=0.0))  # lr 0: no validation improves
-    tr.fit()
-    assert tr.epoch == 6 and tr.best_epoch == 3
+    assert [(r["step"], r["epoch"]) for r in rows] == [("4", "1.333"), ("8", "2.667"), ("10", "3.333")]
+    assert all(r["valid_NDCG@10"] and float(r["seconds"]) > 0 for r in rows)
+    assert res["best_step"] in (4, 8, 10) and res["best_epoch"] == round(res["best_step"] / 3, 3)
+    capped = Trainer(ci_config(tmp_path, epochs=2, max_steps=10, eval_steps=4))
+    capped.fit()
+    assert (capped.steps, capped.epoch, capped.batch) == (6, 2, 0) and [r["step"] for r in capped.history] == [4, 6]
 
 
 def test_a_fresh_run_leaves_no_earlier_results_beside_its_config(tmp_path):
@@ -279,10 +288,10 @@ def test_a_fresh_run_leaves_no_earlier_results_beside_its_config(tmp_path):
     Trainer(ci_config(tmp_path, epochs=1), run).fit()
     again = Trainer(ci_config(tmp_path, epochs=1, lr=0.01), run)
 
-    def crash():
+    def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    again.train_epoch = crash
+    again.train_steps = crash
     with pytest.raises(KeyboardInterrupt):
         again.fit()
     assert json.loads((run / "config.json").read_text())["train"]["lr"] == 0.01
@@ -302,6 +311,9 @@ def test_cli_end_to_end_on_synthetic(tmp_path):
         assert 0.0 <= m["test"][k] <= 1.0
     assert m["test"]["HR@10"] > 10 / 200  # above chance on the ci profile's 200 items
     assert (out / "config.json").exists() and (out / "best.pt").exists() and (out / "history.csv").exists()
+    validations = [line for line in r.stderr.splitlines() if "| valid NDCG@10" in line]  # the trainer's log lines
+    assert len(validations) == 2 and "step 6/6 epoch 2.00 | loss " in validations[-1], r.stderr
+    assert (out / "train.log").read_text().count("| valid NDCG@10") == 2
 
 
 def test_cli_end_to_end_on_a_generic_csv(tmp_path):
@@ -359,26 +371,27 @@ def test_an_edited_run_config_is_checked_like_set(tmp_path, section, key, value,
 
 def test_best_checkpoint_is_the_argmax_of_validation(tmp_path):
     run = tmp_path / "run"
-    res = Trainer(ci_config(tmp_path, epochs=4, patience=10, lr=0.005), run).fit()
-    vals = [float(r["valid_NDCG@10"]) for r in csv.DictReader((run / "history.csv").open())]
-    assert res["valid"]["NDCG@10"] == max(vals) and res["best_epoch"] == 1 + vals.index(max(vals))
+    res = Trainer(ci_config(tmp_path, max_steps=12, eval_steps=3, lr=0.005), run).fit()
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    vals = [float(r["valid_NDCG@10"]) for r in rows]
+    assert res["valid"]["NDCG@10"] == max(vals) and res["best_step"] == int(rows[vals.index(max(vals))]["step"])
 
 
 def test_test_is_evaluated_once_from_the_best_checkpoint(tmp_path, monkeypatch):
-    """Validation, scripted to peak at epoch 1 while training goes on, picks the checkpoint; test is read once."""
+    """Validation, scripted to peak at step 3 while training goes on, picks the checkpoint; test is read once."""
     calls, real = [], Trainer.evaluate
 
     def scripted(self, split):
         calls.append(split)
         out = real(self, split)
-        if split == "valid" and self.epoch and len(calls) <= self.cfg.train.epochs:
-            out["NDCG@10"] = 1.0 / self.epoch
+        if split == "valid" and len(calls) <= 4:  # the 4 validations of training, not the final evaluation
+            out["NDCG@10"] = 1.0 / self.steps
         return out
 
     monkeypatch.setattr(Trainer, "evaluate", scripted)
-    tr = Trainer(ci_config(tmp_path, epochs=4, patience=10), tmp_path / "run")
+    tr = Trainer(ci_config(tmp_path, max_steps=12, eval_steps=3), tmp_path / "run")
     res = tr.fit()
-    assert calls.count("test") == 1 and calls[-1] == "test" and res["best_epoch"] == 1
+    assert calls.count("test") == 1 and calls[-1] == "test" and res["best_step"] == 3
     best = train.load_checkpoint(tmp_path / "run" / "best.pt")["model"]
     assert all(torch.equal(v, best[k]) for k, v in tr.model.state_dict().items()), "test read from best.pt's weights"
 
@@ -488,40 +501,41 @@ def test_evaluation_builds_no_autograd_graph(tmp_path):
     assert grad and not any(grad)
 
 
-def _scripted_validation(monkeypatch, values):
-    """Validation NDCG@10 after epoch e is values[e] (the rest of the metrics as measured)."""
+def _scripted_validation(monkeypatch, values: Callable[[int], float]):
+    """Validation NDCG@10 after step s is values(s) (the rest of the metrics as measured)."""
     real = Trainer.evaluate
 
     def scripted(self, split):
         out = real(self, split)
-        if split == "valid" and self.epoch:
-            out["NDCG@10"] = values[self.epoch]
+        if split == "valid" and self.steps:
+            out["NDCG@10"] = values(self.steps)
         return out
     monkeypatch.setattr(Trainer, "evaluate", scripted)
 
 
-def _die_in_third_epoch(tr: Trainer) -> None:
-    """Run ``tr.fit()`` until the process dies (KeyboardInterrupt) in its third epoch: last.pt holds epoch 2."""
-    real_epoch, calls = tr.train_epoch, []
+def _die_in_third_stretch(tr: Trainer) -> None:
+    """Run ``tr.fit()`` until the process dies (KeyboardInterrupt) as it starts its third stretch of steps
+    between validations: last.pt holds the second validation."""
+    real, calls = tr.train_steps, []
 
-    def crash_in_third_epoch():
+    def crash_in_third_stretch(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_epoch()
-    tr.train_epoch = crash_in_third_epoch
+        return real(*args, **kwargs)
+    tr.train_steps = crash_in_third_stretch
     with pytest.raises(KeyboardInterrupt):
         tr.fit()
 
 
-def test_a_run_resumed_after_its_best_epoch_ends_with_the_best_weights(tmp_path, monkeypatch):
-    """Validation scripted to peak at epoch 1; the run dies in epoch 3 and is resumed: the weights
-    test is read from are best.pt's (epoch 1), not the last epoch's."""
-    _scripted_validation(monkeypatch, {e: 1.0 / e for e in range(1, 5)})
-    _die_in_third_epoch(Trainer(ci_config(tmp_path, epochs=4, patience=10), tmp_path / "run"))
-    tr = Trainer(ci_config(tmp_path, epochs=4, patience=10), tmp_path / "run")
+def test_a_run_resumed_after_its_best_validation_ends_with_the_best_weights(tmp_path, monkeypatch):
+    """Validation every 3 steps, scripted to peak at step 3; the run dies after step 6 and is resumed:
+    the weights test is read from are best.pt's (step 3), not the last step's."""
+    _scripted_validation(monkeypatch, lambda step: 1.0 / step)
+    _die_in_third_stretch(Trainer(ci_config(tmp_path, max_steps=12, eval_steps=3), tmp_path / "run"))
+    tr = Trainer(ci_config(tmp_path, max_steps=12, eval_steps=3), tmp_path / "run")
     res = tr.fit(resume=True)
-    assert res["best_epoch"] == 1 and tr.epoch == 4
+    assert res["best_step"] == 3 and tr.steps == 12
     best = load_checkpoint(tmp_path / "run" / "best.pt")["model"]
     assert all(torch.equal(v, best[k]) for k, v in tr.model.state_dict().items()), "test read from best.pt's weights"
 
@@ -566,8 +580,9 @@ def test_the_optimiser_takes_the_configured_lr_and_weight_decay(tmp_path):
     assert (group["lr"], group["weight_decay"]) == (0.004, 0.01)
 
 
-def test_epoch_losses_are_the_means_over_the_epochs_steps(tmp_path):
-    """Catches the history's loss terms reported as sums over the steps instead of means."""
+def test_loss_terms_are_the_means_over_the_steps(tmp_path):
+    """Five steps across an epoch's end (3 steps per epoch). Catches the history's loss terms reported as
+    sums over the steps instead of means, or over the epoch's steps only."""
     tr = Trainer(ci_config(tmp_path))
     steps, real = [], tr.model.loss
 
@@ -576,53 +591,59 @@ def test_epoch_losses_are_the_means_over_the_epochs_steps(tmp_path):
         steps.append({k: v.item() for k, v in out.items()})
         return out
     tr.model.loss = recording
-    means = tr.train_epoch()
-    assert len(steps) > 1 and means.keys() == steps[0].keys()
+    means = tr.train_steps(5)
+    assert len(steps) == 5 and tr.epoch == 1 and means.keys() == steps[0].keys()
     for k in means:
         assert means[k] == pytest.approx(sum(s[k] for s in steps) / len(steps), rel=1e-5)
 
 
 def test_bf16_trains_under_autocast(tmp_path):
     """Catches the bf16 setting ignored by the training step (it ran in float32)."""
-    tr = Trainer(ci_config(tmp_path, bf16=True, max_steps=1))
+    tr = Trainer(ci_config(tmp_path, bf16=True))
     seen, real = [], tr.model.loss
     tr.model.loss = lambda batch: seen.append(torch.is_autocast_enabled("cpu")) or real(batch)
-    tr.train_epoch()
+    tr.train_steps(1)
     assert seen == [True]
 
 
 def test_max_steps_stops_after_exactly_that_many_steps(tmp_path):
-    """Catches one optimiser step more than max_steps, and a last epoch (cut short by max_steps)
-    left unvalidated because eval_every does not divide it."""
-    tr = Trainer(ci_config(tmp_path, max_steps=3, epochs=5, batch_size=16, eval_every=2))
-    assert (len(tr.seq.train["users"]) + 15) // 16 > 3  # an epoch is longer than the budget
+    """Catches one optimiser step more than max_steps, a budget that waits for the epoch's end, and the
+    last steps left unvalidated because eval_steps does not divide the budget."""
+    tr = Trainer(ci_config(tmp_path, max_steps=3, batch_size=16, eval_steps=2))
+    assert tr.steps_per_epoch > 3  # an epoch is longer than the budget
     tr.fit()
-    assert tr.steps == 3 and tr.epoch == 1
-    assert "valid_NDCG@10" in tr.history[-1] and tr.best_epoch == 1
+    assert (tr.steps, tr.epoch, tr.batch) == (3, 0, 3)
+    assert [r["step"] for r in tr.history] == [2, 3] and tr.best_step in (2, 3)
 
 
-@pytest.mark.parametrize("eval_every, values, stop, best", [
-    (1, {1: 0.1, 2: 0.2, 3: 0.15, 4: 0.3, 5: 0.25, 6: 0.2, 7: 0.1, 8: 0.1}, 6, 4),
-    (2, {2: 0.2, 4: 0.1, 6: 0.1, 8: 0.1}, 6, 2),
+@pytest.mark.parametrize("eval_steps, min_steps, values, stop, best", [
+    (2, 0, {2: 0.1, 4: 0.2, 6: 0.15, 8: 0.3, 10: 0.25, 12: 0.2}, 12, 8),
+    (2, 16, {2: 0.1, 4: 0.2, 6: 0.15, 8: 0.3, 10: 0.25, 12: 0.2}, 16, 8),
+    (3, 0, {3: 0.2}, 9, 3),
 ])
-def test_early_stopping_counts_validations_since_the_last_improvement(tmp_path, monkeypatch, eval_every, values, stop, best):
-    """patience=2: training stops at the second validation in a row without a new best. Catches the count
-    not reset by an improvement, one validation too many, and epochs without validation counted."""
-    _scripted_validation(monkeypatch, values)
-    tr = Trainer(ci_config(tmp_path, epochs=8, patience=2, eval_every=eval_every), tmp_path / "run")
+def test_early_stopping_counts_steps_since_the_last_improvement(tmp_path, monkeypatch, eval_steps, min_steps,
+                                                                 values, stop, best):
+    """patience_steps=4: training stops at the first validation 4 or more steps after the best one, never
+    before min_steps (unlisted steps validate at 0.05). Catches the count not reset by an improvement,
+    counted in validations, a validation too many or too few, and min_steps ignored."""
+    _scripted_validation(monkeypatch, lambda step: values.get(step, 0.05))
+    tr = Trainer(ci_config(tmp_path, eval_steps=eval_steps, patience_steps=4, min_steps=min_steps, max_steps=40),
+                 tmp_path / "run")
     res = tr.fit()
-    assert tr.epoch == stop and res["best_epoch"] == best
+    assert tr.steps == stop and res["best_step"] == best
 
 
 def test_a_resumed_run_keeps_its_patience_count_and_step_count(tmp_path, monkeypatch):
-    """Validation falls after epoch 1; the run dies in epoch 3 and is resumed. Catches the epochs without
-    improvement, or the optimiser steps, counted from zero again after the resume."""
-    _scripted_validation(monkeypatch, {e: 1.0 / e for e in range(1, 9)})
-    _die_in_third_epoch(Trainer(ci_config(tmp_path, epochs=8, patience=2), tmp_path / "run"))
-    tr = Trainer(ci_config(tmp_path, epochs=8, patience=2), tmp_path / "run")
+    """Validation every 3 steps peaks at step 3; the run dies after step 6 and is resumed. Patience 6:
+    it stops at step 9. Catches the steps since the best, or the optimiser steps, counted from zero again."""
+    _scripted_validation(monkeypatch, lambda step: 1.0 / step)
+
+    def config():
+        return ci_config(tmp_path, eval_steps=3, patience_steps=6, min_steps=0, max_steps=30)
+    _die_in_third_stretch(Trainer(config(), tmp_path / "run"))
+    tr = Trainer(config(), tmp_path / "run")
     tr.fit(resume=True)
-    per_epoch = (len(tr.seq.train["users"]) + 63) // 64
-    assert tr.epoch == 3 and tr.steps == 3 * per_epoch  # epochs 2 and 3 without a new best: patience 2 reached
+    assert tr.steps == 9 and [r["step"] for r in tr.history] == [3, 6, 9]
 
 
 def test_a_checkpoint_of_other_data_under_the_same_config_is_refused(tmp_path):
@@ -649,13 +670,61 @@ def test_metrics_json_without_test_metrics_is_not_a_finished_run(tmp_path):
         train.train_cached(cfg, tmp_path / "runs")
 
 
-def test_resume_rewrites_the_history_of_the_checkpointed_epochs(tmp_path):
-    """A crash between last.pt and history.csv leaves the history an epoch short; resuming a run whose last
-    epoch is checkpointed trains nothing more. Catches the history not rewritten from the checkpoint."""
+def test_resume_rewrites_the_history_of_the_checkpointed_validations(tmp_path):
+    """A crash between last.pt and history.csv leaves the history a validation short; resuming a run whose
+    last validation is checkpointed trains nothing more. Catches the history not rewritten from the checkpoint."""
     run = tmp_path / "run"
-    Trainer(ci_config(tmp_path, epochs=2, patience=10), run).fit()
+    Trainer(ci_config(tmp_path, max_steps=8, eval_steps=4), run).fit()
     lines = (run / "history.csv").read_text().splitlines()
     assert len(lines) == 3
-    (run / "history.csv").write_text("\n".join(lines[:2]) + "\n")  # the last epoch's row never written
-    Trainer(ci_config(tmp_path, epochs=2, patience=10), run).fit(resume=True)
+    (run / "history.csv").write_text("\n".join(lines[:2]) + "\n")  # the last validation's row never written
+    Trainer(ci_config(tmp_path, max_steps=8, eval_steps=4), run).fit(resume=True)
     assert (run / "history.csv").read_text().splitlines() == lines
+
+
+def test_each_validation_logs_one_line_to_the_logger_and_to_train_log(tmp_path, caplog):
+    """One ``m3bsr.train`` record per validation: step, epoch, the loss terms' means since the last
+    validation, validation NDCG@10, the best so far and the patience left; the same lines are appended to
+    <run>/train.log (a resumed run adds its own), and the trainer's file handler is gone after the run."""
+    import logging
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="m3bsr.train"):
+        tr = Trainer(ci_config(tmp_path, model="m3bsr", max_steps=8, eval_steps=4, patience_steps=6), run)
+        tr.fit()
+    lines = [r.getMessage() for r in caplog.records if r.name == "m3bsr.train" and "| valid NDCG@10" in r.getMessage()]
+    assert len(lines) == 2
+    row = tr.history[0]
+    assert lines[0].startswith(f"step 4/8 epoch 1.33 | loss {row['loss']:.4f} ce {row['ce']:.4f} modality ")
+    assert f"valid NDCG@10 {row['valid_NDCG@10']:.4f} | best {row['valid_NDCG@10']:.4f} at step 4 | " in lines[0]
+    assert "patience 6/6 steps left, no stop before step 8 |" in lines[0]  # ci profile: min_steps 8
+    logged = (run / "train.log").read_text()
+    assert all(line in logged for line in lines) and "stopped at step 8 (budget of 8 steps spent)" in logged
+    assert not logging.getLogger("m3bsr.train").handlers
+    Trainer(ci_config(tmp_path, model="m3bsr", max_steps=8, eval_steps=4, patience_steps=6), run).fit(resume=True)
+    again = (run / "train.log").read_text()
+    assert again.startswith(logged) and "resumed at step 8" in again[len(logged):]
+
+
+def test_the_progress_bar_shows_in_a_terminal_or_a_notebook_but_not_under_ci(monkeypatch):
+    """Catches the bar hidden in Jupyter (stderr is not a terminal there), drawn into a log file, or drawn
+    under CI=true or progress=False."""
+    monkeypatch.setattr(train, "_in_jupyter", lambda: True)
+    monkeypatch.delenv("CI", raising=False)
+    assert not train.progress_bar(10, 0, "x", True).disable
+    assert train.progress_bar(10, 0, "x", False).disable
+    monkeypatch.setenv("CI", "true")
+    assert train.progress_bar(10, 0, "x", True).disable
+    monkeypatch.delenv("CI")
+    monkeypatch.setattr(train, "_in_jupyter", lambda: False)  # pytest's stderr: captured, not a terminal
+    assert train.progress_bar(10, 0, "x", True).disable
+
+
+def test_a_renamed_field_names_its_replacement():
+    """Catches an old override (patience counted validations, eval_every epochs) failing without saying
+    what replaced it, or being taken with its old meaning."""
+    with pytest.raises(ConfigError, match="'patience'; it was replaced by patience_steps"):
+        make_config("ci", {"patience": 10})
+    d = make_config("ci").to_dict()
+    d["train"]["eval_every"] = 1
+    with pytest.raises(ConfigError, match="train.eval_every; it was replaced by eval_steps"):
+        train.Config.from_dict(d)

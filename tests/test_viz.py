@@ -126,7 +126,8 @@ def test_attention_spread_normalises_by_the_visible_positions():
 
 def test_loss_terms_lists_each_training_term_once():
     """Catches loss and ce listed twice and validation columns taken for training terms."""
-    h = pd.DataFrame({"epoch": [1], "contrast": [0.1], "ce": [2.0], "loss": [2.1], "valid_NDCG@10": [0.3], "seconds": [1.0]})
+    h = pd.DataFrame({"step": [4], "epoch": [1], "contrast": [0.1], "ce": [2.0], "loss": [2.1], "valid_NDCG@10": [0.3],
+                      "seconds": [1.0]})
     assert viz.loss_terms({"a": h, "b": h[["epoch", "loss", "ce"]]}) == ["loss", "ce", "contrast"]
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import io
 import json
+import logging
 import os
 import sys
 import tokenize
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints results
     try:
         if a.command == "train":
+            logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")  # unless already configured
             cfg = _config(a)
             result = Trainer(cfg, a.out).fit(resume=a.resume)
             if main_rank:

@@ -93,19 +93,22 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    epochs: int = 200
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
-    patience: int = 10  # early stopping: stop after this many validations (>= 1) without a new best NDCG@10
-    eval_every: int = 1  # validate every this many epochs (and after the last); patience counts validations
+    # The budget counts optimiser steps (one step = one batch of batch_size training rows), whatever the
+    # dataset's size; an epoch (one pass over the training rows, in a fresh shuffled order) is the data order only.
+    eval_steps: int = 25  # validate on the validation split every this many steps (and at the end of the budget)
+    patience_steps: int = 500  # early stopping: stop once this many steps passed without a new best NDCG@10
+    min_steps: int = 500  # early stopping never ends a run before this many steps
+    max_steps: int = 5000  # the budget: a run stops after this many steps
+    epochs: int | None = None  # optional cap on the passes over the training rows (None: max_steps alone)
     eval_batch_size: int = 512
     device: str = "auto"  # auto: cuda when available
     bf16: bool = False  # bf16 autocast (CUDA)
     sampled_negatives: int = 99  # 1 + 99 sampled metrics next to full ranking (0: off)
     mask_seen: bool = False  # leave every item seen before the target out of the ranking (default: ranked)
-    max_steps: int | None = None  # stop after this many optimiser steps (smoke tests)
-    progress: bool = True  # tqdm bar (quiet anyway when stderr is not a terminal)
+    progress: bool = True  # progress bar in a terminal or a Jupyter kernel (never when stderr is a file, or CI=true)
 
 
 @dataclass
@@ -127,7 +130,7 @@ class Config:
             known = {f.name for f in dataclasses.fields(getattr(cfg, section))}
             for key, value in d[section].items():
                 if key not in known:
-                    raise ConfigError(f"unknown config field {section}.{key}")
+                    raise ConfigError(f"unknown config field {section}.{key}{_renamed(key)}")
                 cfg.set(key, value)
         return cfg
 
@@ -150,7 +153,7 @@ class Config:
         """Override one field by name, parsing strings ("false", "5", "none") to the field's type."""
         owners = [s for s in (self.data, self.model, self.train) if key in {f.name for f in dataclasses.fields(s)}]
         if not owners:
-            raise ConfigError(f"unknown config field {key!r}")
+            raise ConfigError(f"unknown config field {key!r}{_renamed(key)}")
         sub = owners[0]
         ftype = {f.name: f.type for f in dataclasses.fields(sub)}[key]
         value = _parse(value, str(ftype), key)
@@ -174,6 +177,17 @@ ADDED_FIELDS: dict[str, dict[str, Any]] = {
     "model": {"train_mode": "chain", "train_steps": None, "random_t_eval_from": None, "predictor_residual": True},
 }
 
+# Fields that no longer exist, and what took their place (named when an old config or override uses them).
+RENAMED: dict[str, str] = {
+    "patience": "patience_steps, which counts optimiser steps since the last new best, not validations",
+    "eval_every": "eval_steps, which counts optimiser steps between validations, not epochs",
+}
+
+
+def _renamed(key: str) -> str:
+    return f"; it was replaced by {RENAMED[key]}" if key in RENAMED else ""
+
+
 # The longest stream (BOS + max_len events) a model's positional table holds.
 MAX_POSITIONS = 512
 
@@ -187,8 +201,8 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "d": (1, None), "layers": (0, None), "heads": (1, None), "T": (1, None), "diffurec_T": (1, None),
     # <= T (random_t: inference_steps <= random_t_eval_from) is checked when the model is built
     "inference_steps": (1, None), "train_steps": (1, None), "random_t_eval_from": (1, None),
-    "epochs": (0, None), "batch_size": (1, None), "patience": (1, None), "eval_every": (1, None),
-    "eval_batch_size": (1, None), "sampled_negatives": (0, None), "max_steps": (1, None),
+    "epochs": (0, None), "batch_size": (1, None), "eval_steps": (1, None), "patience_steps": (1, None),
+    "min_steps": (0, None), "max_steps": (1, None), "eval_batch_size": (1, None), "sampled_negatives": (0, None),
     "lr": (0.0, None), "weight_decay": (0.0, None), "lambda_c": (0.0, None), "lambda_m": (0.0, None),
     "lambda_b": (0.0, None), "mask_ratio": (0.0, 1.0),
 }
@@ -245,13 +259,22 @@ def _check_type(value: Any, ftype: str, key: str) -> Any:
 
 
 # Profiles: ci = seconds to minutes on 2 CPU cores; default = the README's CPU job; paper = GPU scale.
+# Training budgets, in optimiser steps. ci: a smoke run, 16 steps validated every 4 (it ran 4 epochs of 3
+# steps before). default: validated every 25 steps, at least 500 steps and 500 steps of patience, a budget
+# of 5000. Counted in epochs (3 to 7 steps each on its datasets) the old patience of 10 validations stopped
+# runs after 30 to 70 steps without a new best; the runs of results/04_runs.csv peaked by step 570 at the
+# latest (bert4rec, ml-100k-mm). paper (a GPU, larger data): validated every 100 steps, at least 2000 steps,
+# patience 1000, a budget of 20000.
 PROFILES: dict[str, dict[str, Any]] = {
     "ci": dict(syn_users=150, syn_items=200, syn_events=40, max_len=20, d=32, layers=1, heads=2, T=5,
-               epochs=4, batch_size=64, patience=2, diffurec_T=8, sampled_negatives=99),
+               batch_size=64, eval_steps=4, patience_steps=8, min_steps=8, max_steps=16, diffurec_T=8,
+               sampled_negatives=99),
     "default": dict(syn_users=600, syn_items=800, syn_events=60, max_len=50, d=64, layers=2, heads=2,
-                    T=15, epochs=100, batch_size=256, patience=10, diffurec_T=32),
+                    T=15, batch_size=256, eval_steps=25, patience_steps=500, min_steps=500, max_steps=5000,
+                    diffurec_T=32),
     "paper": dict(syn_users=5000, syn_items=50000, syn_events=100, max_len=50, d=64, layers=2, heads=2,
-                  T=15, epochs=200, batch_size=256, patience=10, diffurec_T=32),
+                  T=15, batch_size=256, eval_steps=100, patience_steps=1000, min_steps=2000, max_steps=20000,
+                  diffurec_T=32),
 }
 
 

@@ -1,8 +1,9 @@
 """Grids of cached runs and the tables made from them (used by the notebooks and ``make reproduce``).
 
 Every cell of a table is one run: ``python -m m3bsr train --dataset D --model M --profile P --seed S``;
-:func:`run_grid` trains each missing run under ``runs/`` (reusing finished ones by config hash)
-and returns one row per (dataset, model, seed, split). :func:`train_runs` trains a list of runs
+:func:`run_grid` trains each missing run under ``runs/`` (reusing finished ones: a run folder is named
+by the config's hash and the version of the code that trains it, ``train.run_dir``) and returns one
+row per (dataset, model, seed, split). :func:`train_runs` trains a list of runs
 ``jobs`` at a time, each in its own process.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 from .config import Config, check_jobs, make_config
 from .data.schema import Dataset
 from .metrics import metrics_from_ranks, ndcg_per_row
-from .train import CheckpointError, Trainer, load_data, load_trained, resolve_device, run_dir, train_cached
+from .train import (CheckpointError, Trainer, load_data, load_trained, progress_bar, resolve_device, run_dir,
+                    train_cached)
 
 TABLE_METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
 
@@ -62,7 +64,8 @@ def train_runs(cfgs: Iterable[Config], runs: str | Path, jobs: int | None = 1, l
     caches filled. On a CPU, small models use several threads poorly, so k one-thread runs side by
     side beat k-thread runs one after another (README, "Running time"). A run's numbers depend on
     its config, seed and device, not on the process that trains it. ``jobs=None``: :func:`default_jobs`.
-    The first failure (or an interrupt) stops every worker and is raised here.
+    The workers draw no progress bars; a bar here counts the finished runs (with the first run's
+    ``progress``). The first failure (or an interrupt) stops every worker and is raised here.
     """
     check_jobs(jobs)
     todo: dict[Path, Config] = {}
@@ -91,9 +94,11 @@ def train_runs(cfgs: Iterable[Config], runs: str | Path, jobs: int | None = 1, l
         # M3BSR runs first (the longest, results/04_train_time.md): short runs fill the last gaps
         order = sorted(todo.items(), key=lambda item: item[1].model.model != "m3bsr")
         futures = {pool.submit(_train_worker, cfg.to_dict(), str(runs), threads): out.name for out, cfg in order}
-        for i, done in enumerate(as_completed(futures), 1):
-            done.result()  # a worker's exception is raised here
-            log(f"  {i}/{len(futures)} {futures[done]}")
+        with progress_bar(len(futures), 0, "runs", order[0][1].train.progress, "run") as bar:
+            for i, done in enumerate(as_completed(futures), 1):
+                done.result()  # a worker's exception is raised here
+                log(f"  {i}/{len(futures)} {futures[done]}")
+                bar.update(1)
     except BaseException:  # a failure or an interrupt stops every worker; their runs resume next time
         for process in list(pool._processes.values()):  # no public way before Python 3.14's terminate_workers
             process.terminate()
@@ -104,14 +109,17 @@ def train_runs(cfgs: Iterable[Config], runs: str | Path, jobs: int | None = 1, l
 
 def _train_worker(cfg: dict[str, Any], runs: str, threads: int) -> None:
     torch.set_num_threads(threads)
-    train_cached(Config.from_dict(cfg), runs)
+    config = Config.from_dict(cfg)
+    config.train.progress = False  # workers share one console: no bars drawn over each other
+    train_cached(config, runs)
 
 
 def run_grid(datasets: Iterable[str], models: Iterable[str], seeds: Iterable[int], profile: str,
              runs: str | Path, overrides: dict[str, Any] | None = None, log=print, jobs: int | None = 1) -> pd.DataFrame:
     """Train (or reuse) every (dataset, model, seed), ``jobs`` at a time (see :func:`train_runs`);
-    one row per run and split with all metrics, the epochs trained and ``train_seconds`` (the
-    run's training epochs, validation excluded; NaN for untrained models such as pop)."""
+    one row per run and split with all metrics, the step and epoch of the best validation
+    (``best_step``, ``best_epoch``), the ``steps`` and ``epochs`` trained and ``train_seconds``
+    (validation excluded; NaN for untrained models such as pop)."""
     cfgs = grid_configs(datasets, models, seeds, profile, overrides)
     train_runs(cfgs, runs, jobs, log)
     rows = []
@@ -121,37 +129,40 @@ def run_grid(datasets: Iterable[str], models: Iterable[str], seeds: Iterable[int
         log(f"{dataset:>20} {model:>10} seed {seed}: test NDCG@10 {result['test']['NDCG@10']:.4f}")
         for split in ("valid", "test"):
             rows.append({"dataset": dataset, "model": model, "seed": seed, "split": split,
-                         "best_epoch": result.get("best_epoch"), "epochs": cost.epochs,
-                         "train_seconds": cost.train_seconds, **result[split]})
+                         "best_step": result.get("best_step"), "best_epoch": result.get("best_epoch"),
+                         "steps": cost.steps, "epochs": cost.epochs, "train_seconds": cost.train_seconds,
+                         **result[split]})
     return pd.DataFrame(rows)
 
 
 def run_costs(cfgs: Iterable[Config], runs: str | Path, unique: bool = True) -> pd.DataFrame:
-    """One row per run (per distinct run with ``unique``): its folder name, dataset, model, seed,
-    ``epochs`` trained and ``train_seconds`` (the sum of ``history.csv``'s per-epoch ``seconds``,
-    validation excluded; NaN when nothing trains, e.g. pop)."""
+    """One row per run (per distinct run with ``unique``): its folder name, dataset, model, seed, the
+    ``steps`` and ``epochs`` trained and ``train_seconds`` (the sum of ``history.csv``'s ``seconds``,
+    validation excluded; 0 steps and NaN seconds when nothing trains, e.g. pop)."""
     rows, seen = [], set()
     for cfg in cfgs:
         run = run_dir(cfg, runs)
         if unique and run in seen:
             continue
         seen.add(run)
-        history = run / "history.csv"  # one row per training epoch; absent when nothing trains
-        seconds = _history_seconds(history) if history.exists() else pd.Series([], dtype=float)
+        history = run / "history.csv"  # one row per validation; absent when nothing trains
+        steps, epochs, seconds = _history_totals(history) if history.exists() else (0, 0.0, float("nan"))
         rows.append({"run": run.name, "dataset": cfg.data.dataset, "model": cfg.model.model, "seed": cfg.train.seed,
-                     "epochs": len(seconds), "train_seconds": seconds.sum() if len(seconds) else float("nan")})
-    return pd.DataFrame(rows, columns=["run", "dataset", "model", "seed", "epochs", "train_seconds"])
+                     "steps": steps, "epochs": epochs, "train_seconds": seconds})
+    return pd.DataFrame(rows, columns=["run", "dataset", "model", "seed", "steps", "epochs", "train_seconds"])
 
 
-def _history_seconds(path: Path) -> pd.Series:
-    """A run's per-epoch training seconds; a history.csv without them raises CheckpointError naming it."""
+def _history_totals(path: Path) -> tuple[int, float, float]:
+    """(steps, epochs, training seconds) of a run: its ``history.csv``'s last ``step`` and ``epoch`` and
+    the sum of its ``seconds``; a history without them raises CheckpointError naming it."""
     try:
-        seconds = pd.to_numeric(pd.read_csv(path)["seconds"])
-        if seconds.isna().any():
-            raise ValueError("an empty 'seconds' value")
+        h = pd.read_csv(path)[["step", "epoch", "seconds"]].apply(pd.to_numeric)
+        if h.empty or h.isna().any().any():
+            raise ValueError("no rows, or an empty value")
     except (ValueError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise CheckpointError(f"{path}: expected a run's history with a numeric 'seconds' column ({e!r})") from None
-    return seconds
+        raise CheckpointError(f"{path}: expected a run's history with numeric 'step', 'epoch' and 'seconds' "
+                              f"columns ({e!r})") from None
+    return int(h["step"].iloc[-1]), float(h["epoch"].iloc[-1]), float(h["seconds"].sum())
 
 
 def summarize(results: pd.DataFrame, metrics=TABLE_METRICS, split: str = "test") -> pd.DataFrame:

@@ -2,9 +2,21 @@
 and data-parallel training with ``torchrun``.
 
 ``Trainer(cfg).fit()`` loads the data, trains ``cfg.model.model`` with Adam on CE (+ the model's
-auxiliary terms), evaluates on validation after every epoch, keeps the best checkpoint by
-validation NDCG@10, and evaluates test once from it. Everything a run needs to resume exactly
-(model, optimiser, every RNG state, epoch, step count, history) is in ``<out>/last.pt``.
+auxiliary terms), evaluates on validation every ``eval_steps`` optimiser steps, keeps the best
+checkpoint by validation NDCG@10, and evaluates test once from it.
+
+**Budget.** Training counts optimiser steps, whatever the dataset's size: it ends after
+``max_steps`` (or an ``epochs`` cap, if set), or once ``patience_steps`` steps passed without a new
+best validation NDCG@10, never before ``min_steps`` steps. Epochs only order the data: each pass over
+the training rows takes them in a fresh shuffled order. ``history.csv`` has one row per validation:
+its ``step``, ``epoch`` (passes made, fractional), each loss term's mean over the steps since the
+previous validation, the validation metrics and ``seconds`` (training time of those steps,
+validation excluded). Each validation also writes a log line (logger ``m3bsr.train``: where the run
+stands, the loss terms, NDCG@10, the best so far, the patience left), appended to ``<out>/train.log``.
+
+Everything a run needs to resume exactly (model, optimiser, every RNG state, step count, the
+position in the pass in progress, best so far, history) is in ``<out>/last.pt``, written at every
+validation.
 
 **Crash safety.** Every file in a run folder (``last.pt``, ``best.pt``, ``history.csv``,
 ``config.json``, ``metrics.json``) is written to a temporary file in the same folder, fsynced and
@@ -12,9 +24,10 @@ renamed over the old one (``os.replace`` is atomic), so a crash or ``kill -9`` a
 the previous good version in place. A checkpoint starts with a magic tag and the SHA-256 of its
 payload: a truncated or corrupted file raises :class:`CheckpointError` and is never silently
 loaded, nor is a checkpoint saved for another config or dataset. Stray temporary files from a
-killed run are removed when the run restarts. ``--resume`` after a crash gives a ``metrics.json``
-byte-identical to an uninterrupted run with the same seed on the same device (``metrics.json``
-holds no timings; ``history.csv`` does, in its ``seconds`` column).
+killed run are removed when the run restarts (``train.log``, a log, is appended to line by line).
+``--resume`` after a crash gives a ``metrics.json`` byte-identical to an uninterrupted run with the
+same seed on the same device (``metrics.json`` holds no timings; ``history.csv`` does, in its
+``seconds`` column), also when the crash came in the middle of an epoch.
 
 **Determinism.** The same config and seed on the same device give the same ``metrics.json``;
 evaluation is deterministic, so evaluating one checkpoint twice gives the same numbers. On CUDA
@@ -30,19 +43,21 @@ contiguous shards (``batch_size // world`` rows per rank), and each rank's loss 
 share of the global batch's targets, so the averaged gradient is the single-process gradient of
 the CE term (auxiliary terms are weighted the same way). Evaluation batches are dealt round-robin
 to the ranks and the ranks are all-reduced, so metrics equal a single-process evaluation exactly.
-Rank 0 alone writes checkpoints, history and metrics; the others wait at a barrier. Dropout and
-other training noise differ per rank (seeded from ``(seed, rank)``), so with dropout > 0 a
-multi-process run is statistically, not bitwise, equivalent to a single-process one.
+Rank 0 alone writes checkpoints, history, metrics and log lines; the others wait at a barrier.
+Dropout and other training noise differ per rank (seeded from ``(seed, rank)``), so with dropout > 0
+a multi-process run is statistically, not bitwise, equivalent to a single-process one.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import ctypes
+import functools
 import hashlib
 import inspect
 import io
 import json
+import logging
 import os
 import pickle
 import platform
@@ -70,6 +85,7 @@ from .models.registry import build_model
 SELECT_METRIC = "NDCG@10"
 NEGATIVES_SEED = 20250805  # one fixed draw of sampled negatives, shared by every model and seed
 _MAGIC = b"M3BSRCK1"
+log = logging.getLogger(__name__)  # one line per validation; Trainer.fit also writes them to <out>/train.log
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt() parameters, from glibc's <malloc.h>
@@ -428,7 +444,8 @@ def shard_batches(split: dict[str, torch.Tensor], batch_size: int, generator: to
 # ---------------------------------------------------------------- the trainer
 
 class Trainer:
-    """Train one model on one dataset. ``out`` holds config.json, history.csv, checkpoints, metrics.json."""
+    """Train one model on one dataset. ``out`` holds config.json, history.csv, checkpoints, metrics.json,
+    train.log."""
 
     def __init__(self, cfg: Config, out: str | Path | None = None, dataset: Dataset | None = None):
         self.cfg = cfg
@@ -463,15 +480,20 @@ class Trainer:
         if self.dist.enabled:  # per-rank training noise (dropout, diffusion steps)
             _seed_noise(np.random.SeedSequence([cfg.train.seed, self.dist.rank]).generate_state(2))
         self.loss_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None  # see _wrap
-        self.epoch, self.steps, self.best, self.best_epoch, self.bad, self.history = 0, 0, -1.0, -1, 0, []
+        self.steps_per_epoch = -(-len(self.seq.train["users"]) // cfg.train.batch_size)  # global batches in a pass
+        # Where training stands: optimiser steps taken, passes over the training rows done, global batches
+        # done of the pass in progress, and the data order's generator state from before that pass drew its order.
+        self.steps, self.epoch, self.batch, self.epoch_rng = 0, 0, 0, self.gen.get_state()
+        self.best, self.best_step, self.history = -1.0, -1, []  # best validation NDCG@10 and its step
+        self._batches: list[tuple[torch.Tensor, float]] | None = None  # the pass in progress (see _next_batch)
 
     # -- checkpoints
     def _state(self) -> dict[str, Any]:
         """The checkpoint dict (a collective under torchrun: every rank must call it)."""
-        rng = _rng_state(self.gen)
+        rng = {**_rng_state(self.gen), "data": self.epoch_rng}  # a resumed pass draws its order again
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict() if self.opt else None,
-                 "rng": rng, "epoch": self.epoch, "steps": self.steps, "best": self.best,
-                 "best_epoch": self.best_epoch, "bad": self.bad, "history": self.history,
+                 "rng": rng, "steps": self.steps, "epoch": self.epoch, "batch": self.batch, "best": self.best,
+                 "best_step": self.best_step, "history": self.history,
                  "config": self.cfg.to_dict(), "config_hash": self.cfg.hash(), "data_hash": self.ds.fingerprint()}
         if self.dist.enabled:
             every = [None] * self.dist.world
@@ -524,11 +546,11 @@ class Trainer:
             warnings.warn(f"{path}: saved by {len(every)} process(es), resumed by {self.dist.world}; the data "
                           "order continues exactly, per-rank training noise is reseeded", stacklevel=2)
             if self.dist.rank > 0:
-                seeds = np.random.SeedSequence([self.cfg.train.seed, self.dist.rank, state["epoch"]]).generate_state(2)
+                seeds = np.random.SeedSequence([self.cfg.train.seed, self.dist.rank, state["steps"]]).generate_state(2)
                 _seed_noise(seeds)
-        for k in ("epoch", "best", "best_epoch", "bad", "history"):
+        for k in ("steps", "epoch", "batch", "best", "best_step", "history"):
             setattr(self, k, state[k])
-        self.steps = state.get("steps", 0)
+        self.epoch_rng, self._batches = self.gen.get_state(), None
         return True
 
     def load_best(self) -> None:
@@ -566,19 +588,39 @@ class Trainer:
         args, kw = self._eval_args(split)
         return evaluate(*args, **kw)
 
+    def budget(self) -> int:
+        """The most optimiser steps this run takes: ``max_steps``, or fewer under an ``epochs`` cap."""
+        t = self.cfg.train
+        return t.max_steps if t.epochs is None else min(t.max_steps, t.epochs * self.steps_per_epoch)
+
+    def _next_batch(self) -> tuple[torch.Tensor, float]:
+        """This rank's rows of the next global batch and its loss weight (:func:`shard_batches`).
+
+        A pass over the training rows draws its order from the generator as it stood when the pass
+        began (``epoch_rng``, saved in checkpoints), so a run resumed in the middle of a pass draws
+        the same order again and goes on at the same batch."""
+        if self._batches is None:
+            self.gen.set_state(self.epoch_rng)
+            self._batches = list(shard_batches(self.seq.train, self.cfg.train.batch_size, self.gen,
+                                               self.dist.rank, self.dist.world))
+        batch = self._batches[self.batch]
+        self.batch += 1
+        if self.batch == len(self._batches):  # the pass is done: the next one draws a new order
+            self.epoch, self.batch, self.epoch_rng, self._batches = self.epoch + 1, 0, self.gen.get_state(), None
+        return batch
+
     @kept_host_memory()  # each step reuses the memory the step before freed
-    def train_epoch(self) -> dict[str, float]:
-        """One pass over the training rows; returns each loss term's mean over the epoch's steps
-        (under torchrun: of the global batches, the same on every rank)."""
+    def train_steps(self, n: int, bar=None) -> dict[str, float]:
+        """``n`` optimiser steps, the data order going on where the last step left it (a new shuffled
+        order at each pass); returns each loss term's mean over the ``n`` steps (under torchrun: of
+        the global batches, the same on every rank). ``bar``: a progress bar advanced per step."""
         t, dev, world = self.cfg.train, self.device, self.dist.world
         loss_fn = self._wrap()
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
-        n = 0
         rows = self.seq.train
-        bar = _progress(total=(len(rows["users"]) + t.batch_size - 1) // t.batch_size,
-                        desc=f"epoch {self.epoch + 1}", enabled=t.progress and self.dist.main)
-        for idx, weight in shard_batches(rows, t.batch_size, self.gen, self.dist.rank, world):
+        for _ in range(n):
+            idx, weight = self._next_batch()
             b = {k: v[idx].to(dev, non_blocking=True) for k, v in rows.items()}
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.bf16):
                 terms = loss_fn(b)
@@ -589,79 +631,139 @@ class Trainer:
             for k, v in terms.items():  # sum over ranks of weight/world * term = the global batch's term
                 v = v.detach().float()
                 sums[k] = sums.get(k, 0) + (v if world == 1 else v * (weight / world))
-            n += 1
             self.steps += 1
-            bar.update(1)
-            if t.max_steps is not None and self.steps >= t.max_steps:
-                break
-        bar.close()
+            if bar is not None:
+                bar.update(1)
         if world > 1 and sums:
             keys = list(sums)  # the same insertion order on every rank
             total = torch.stack([sums[k] for k in keys])
             torch.distributed.all_reduce(total)
             sums = dict(zip(keys, total))
-        return {k: (v / max(n, 1)).item() for k, v in sums.items()}  # one sync per epoch
+        return {k: (v / max(n, 1)).item() for k, v in sums.items()}  # one sync per call
+
+    def train_epoch(self) -> dict[str, float]:
+        """The rest of the pass in progress (a whole pass from its start): :meth:`train_steps`."""
+        return self.train_steps(self.steps_per_epoch - self.batch)
+
+    def _stopped(self) -> bool:
+        """The budget is spent, or early stopping: ``patience_steps`` without a new best, past ``min_steps``."""
+        t = self.cfg.train
+        waited = self.steps - self.best_step
+        return self.steps >= self.budget() or (self.best_step >= 0 and self.steps >= t.min_steps
+                                               and waited >= t.patience_steps)
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        t = self.cfg.train
+        """Train (:meth:`train`), then evaluate valid and test once with the best validation weights;
+        writes ``<out>/metrics.json`` and returns its dict. Progress goes to the logger ``m3bsr.train``
+        and, with a run folder, to ``<out>/train.log`` (appended to)."""
         main = self.dist.main
-        if self.out is not None:
+        handler = _log_to(self.out / "train.log") if self.out is not None and main else None
+        try:
+            resumed = False
+            if self.out is not None:
+                if main:
+                    self.out.mkdir(parents=True, exist_ok=True)
+                    remove_stale_temporaries(self.out)
+                resumed = resume and self.resume()
+                if resumed and main:
+                    self._write_history()  # a crash may have come between last.pt and history.csv
+                elif main:  # a fresh start: no earlier run's results next to this run's config
+                    for name in ("metrics.json", "history.csv"):
+                        (self.out / name).unlink(missing_ok=True)
+                if main:
+                    atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=2))
+            if self.model.trainable:
+                self.train(resumed)
+            else:
+                if main:
+                    log.info("%s on %s: nothing to train", self.cfg.model.model, self.ds.name)
+                if self.out is not None:
+                    state = self._state()
+                    if main:
+                        save_checkpoint(self.out / "best.pt", state)
+                    self.dist.barrier()
+            result = {"valid": self.evaluate("valid"), "test": self.evaluate("test"), "best_step": self.best_step,
+                      "best_epoch": self._epochs(self.best_step) if self.best_step >= 0 else -1,
+                      "model": self.cfg.model.model, "dataset": self.ds.name, "n_eval_users": self.seq.n_eval_users}
+            if self.out is not None:
+                if main:
+                    atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2))
+                self.dist.barrier()
             if main:
-                self.out.mkdir(parents=True, exist_ok=True)
-                remove_stale_temporaries(self.out)
-            resumed = resume and self.resume()
-            if resumed and main:
-                self._write_history()  # a crash may have come between last.pt and history.csv
-            elif main:  # a fresh start: no earlier run's results next to this run's config
-                for name in ("metrics.json", "history.csv"):
-                    (self.out / name).unlink(missing_ok=True)
-            if main:
-                atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=2))
+                log.info("test %s %.4f (valid %.4f)%s", SELECT_METRIC, result["test"][SELECT_METRIC],
+                         result["valid"][SELECT_METRIC], f"; {self.out / 'metrics.json'}" if self.out else "")
+            return result
+        finally:
+            if handler is not None:
+                log.removeHandler(handler)
+                handler.close()
+
+    def train(self, resumed: bool = False) -> None:
+        """Train until the budget is spent or early stopping ends the run (:meth:`_stopped`), validating
+        every ``eval_steps`` steps and at the end of the budget; a checkpoint (``last.pt``, and
+        ``best.pt`` at a new best) and a history row follow each validation. Ends holding the weights
+        of the best validation."""
+        t, main = self.cfg.train, self.dist.main
+        if not self.steps_per_epoch:
+            raise DataError("no training rows: no user has a deep event before their validation target",
+                            file=self.ds.name)
+        budget = self.budget()
+        if main:
+            log.info("%s on %s: %d training rows, %d steps of batch %d per epoch; budget %d steps, validation "
+                     "every %d, patience %d steps, no early stop before step %d%s%s", self.cfg.model.model,
+                     self.ds.name, len(self.seq.train["users"]), self.steps_per_epoch, t.batch_size, budget,
+                     t.eval_steps, t.patience_steps, t.min_steps, f"; run folder {self.out}" if self.out else "",
+                     f"; resumed at step {self.steps}" if resumed else "")
         self.best_model = None
-        if self.model.trainable:
-            while (self.epoch < t.epochs and self.bad < t.patience
-                   and (t.max_steps is None or self.steps < t.max_steps)):
+        bar = progress_bar(budget, self.steps, f"{self.cfg.model.model} {self.ds.name}", t.progress and main)
+        with bar, _logging_beside(bar):
+            while not self._stopped():
                 t0 = time.perf_counter()
-                losses = self.train_epoch()
+                losses = self.train_steps(min(t.eval_steps - self.steps % t.eval_steps, budget - self.steps), bar)
                 seconds = time.perf_counter() - t0
-                self.epoch += 1
-                last = self.epoch >= t.epochs or (t.max_steps is not None and self.steps >= t.max_steps)
-                valid = {}
-                if self.epoch % t.eval_every == 0 or last:  # the same numbers on every rank: the same decisions
-                    valid = self.evaluate("valid")
-                self.history.append({"epoch": self.epoch, **losses, **{f"valid_{k}": v for k, v in valid.items()},
-                                     "seconds": round(seconds, 3)})
-                better = bool(valid) and valid[SELECT_METRIC] > self.best
+                valid = self.evaluate("valid")  # the same numbers on every rank: the same decisions
+                better = valid[SELECT_METRIC] > self.best
                 if better:
-                    self.best, self.best_epoch, self.bad = valid[SELECT_METRIC], self.epoch, 0
+                    self.best, self.best_step = valid[SELECT_METRIC], self.steps
                     self.best_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                elif valid:
-                    self.bad += 1
+                self.history.append({"step": self.steps, "epoch": self._epochs(self.steps), **losses,
+                                     **{f"valid_{k}": v for k, v in valid.items()}, "seconds": round(seconds, 3)})
                 if self.out is not None:
                     state = self._state()
                     if main:
                         if better:
                             save_checkpoint(self.out / "best.pt", state)
-                        save_checkpoint(self.out / "last.pt", state)  # after best.pt: a resume redoes this epoch
+                        save_checkpoint(self.out / "last.pt", state)  # after best.pt: a resume redoes these steps
                         self._write_history()
                     self.dist.barrier()
-            if self.best_model is not None:
-                self.model.load_state_dict(self.best_model)
-            elif self.out is not None and self.best_epoch > 0:  # resumed after the best epoch
-                self.load_best()
-        elif self.out is not None:
-            state = self._state()
-            if main:
-                save_checkpoint(self.out / "best.pt", state)
-            self.dist.barrier()
-        result = {"valid": self.evaluate("valid"), "test": self.evaluate("test"),
-                  "best_epoch": self.best_epoch, "model": self.cfg.model.model, "dataset": self.ds.name,
-                  "n_eval_users": self.seq.n_eval_users}
-        if self.out is not None:
-            if main:
-                atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2))
-            self.dist.barrier()
-        return result
+                if main:
+                    if not bar.disable:
+                        bar.set_postfix(valid=f"{valid[SELECT_METRIC]:.4f}", best=f"{self.best:.4f}", refresh=False)
+                    log.info(self._report(losses, valid[SELECT_METRIC], seconds))
+        if main:
+            why = (f"budget of {budget} steps spent" if self.steps >= budget else
+                   f"early stop: {self.steps - self.best_step} steps without a new best")
+            log.info("stopped at step %d (%s); best valid %s %.4f at step %d", self.steps, why, SELECT_METRIC,
+                     self.best, self.best_step)
+        if self.best_model is not None:
+            self.model.load_state_dict(self.best_model)
+        elif self.out is not None and self.best_step > 0:  # resumed after the best validation
+            self.load_best()
+
+    def _epochs(self, steps: int) -> float:
+        """Passes over the training rows that ``steps`` steps make (3 decimals)."""
+        return round(steps / self.steps_per_epoch, 3)
+
+    def _report(self, losses: dict[str, float], valid: float, seconds: float) -> str:
+        """The log line of a validation: where training stands, the loss terms' means since the last
+        validation, validation NDCG@10, the best so far and the patience left."""
+        t = self.cfg.train
+        left = max(t.patience_steps - (self.steps - self.best_step), 0)
+        floor = f", no stop before step {t.min_steps}" if self.steps < t.min_steps else ""
+        terms = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        return (f"step {self.steps}/{self.budget()} epoch {self._epochs(self.steps):.2f} | {terms} | valid "
+                f"{SELECT_METRIC} {valid:.4f} | best {self.best:.4f} at step {self.best_step} | patience "
+                f"{left}/{t.patience_steps} steps left{floor} | {seconds:.1f} s")
 
     def _write_history(self) -> None:
         keys = list(dict.fromkeys(k for row in self.history for k in row))
@@ -672,9 +774,39 @@ class Trainer:
         atomic_write_text(self.out / "history.csv", buf.getvalue())
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _log_to(path: Path) -> logging.Handler:
+    """A handler appending this module's records to ``path`` (the caller removes it when done). The
+    logger takes INFO records unless its level was set."""
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8", delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    return handler
+
+
+def _in_jupyter() -> bool:
+    """Whether this process is a Jupyter kernel (IPython's IPKernelApp, as tqdm.auto tells it)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and "IPKernelApp" in shell.config
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool, unit: str = "step"):
+    """A ``tqdm.auto`` bar (a widget in Jupyter, text in a terminal). Shown where someone watches:
+    stderr a terminal, or a Jupyter kernel; never with ``CI=true`` (tests, CI logs)."""
     from tqdm.auto import tqdm  # noqa: PLC0415
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled or not sys.stderr.isatty())
+    show = (enabled and os.environ.get("CI", "").lower() not in ("1", "true")
+            and (sys.stderr.isatty() or _in_jupyter()))
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False, disable=not show)
+
+
+def _logging_beside(bar) -> contextlib.AbstractContextManager:
+    """While ``bar`` is shown, console log lines are written above it instead of through it."""
+    if bar.disable:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: PLC0415
+    return logging_redirect_tqdm(tqdm_class=type(bar))
 
 
 # Config fields `evaluate` may change: they leave the trained weights valid.
@@ -723,10 +855,34 @@ def evaluate_run(run: str | Path, device: str = "auto", overrides: dict[str, Any
     return {"valid": trainer.evaluate("valid"), "test": trainer.evaluate("test")}
 
 
+# The code a run's numbers come from (relative to the package folder): it names run folders with the config.
+RUN_SOURCES = ("config.py", "data", "metrics.py", "models", "train.py")
+
+
+def source_hash(package: str | Path = Path(__file__).parent) -> str:
+    """SHA-256 over the ``.py`` files of :data:`RUN_SOURCES` under ``package``: each file's path
+    (relative to ``package``) and the SHA-256 of its bytes, in path order."""
+    package = Path(package)
+    files = sorted(f for name in RUN_SOURCES
+                   for f in ([package / name] if (package / name).is_file() else (package / name).rglob("*.py")))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(package).as_posix()} {hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+@functools.cache
+def code_version() -> str:
+    """This package's :func:`source_hash`, 8 hex digits (computed once per process)."""
+    return source_hash()[:8]
+
+
 def run_dir(cfg: Config, runs: str | Path) -> Path:
-    """``<runs>/<dataset>-<model>-s<seed>-<config hash>``: one folder per distinct config."""
+    """``<runs>/<dataset>-<model>-s<seed>-<config hash>-<code version>``: one folder per distinct
+    config and code. Any change to the code that trains and scores a run (:data:`RUN_SOURCES`) names
+    new folders, so a cached run is never one that older code trained."""
     name = cfg.data.dataset if cfg.data.dataset != "csv" else Path(cfg.data.data_file or "csv").stem
-    return Path(runs) / f"{name}-{cfg.model.model}-s{cfg.train.seed}-{cfg.hash()}"
+    return Path(runs) / f"{name}-{cfg.model.model}-s{cfg.train.seed}-{cfg.hash()}-{code_version()}"
 
 
 def train_cached(cfg: Config, runs: str | Path, dataset: Dataset | None = None) -> dict[str, Any]:

@@ -435,14 +435,14 @@ def load_histories(dataset: str, models: Sequence[str], seeds: Sequence[int], pr
 def loss_terms(histories: dict[str, pd.DataFrame]) -> list[str]:
     """Training-loss columns found in any history: "loss" and "ce" first, then the auxiliary terms."""
     cols = dict.fromkeys(c for h in histories.values() for c in h.columns
-                         if c not in ("epoch", "seconds") and not c.startswith("valid_"))
+                         if c not in ("step", "epoch", "seconds") and not c.startswith("valid_"))
     return [c for c in ("loss", "ce") if c in cols] + [c for c in cols if c not in ("loss", "ce")]
 
 
 def plot_learning_curves(histories: dict[str, pd.DataFrame], title: str = "", ncols: int = 3):
     """One panel per training-loss term (each separately), then validation NDCG@10; one line per run.
 
-    ``histories``: run label -> its ``history.csv`` as a DataFrame (one row per epoch).
+    ``histories``: run label -> its ``history.csv`` as a DataFrame (one row per validation).
     """
     from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
     plt = _plt()
