@@ -76,7 +76,7 @@ def test_time_shares_sort_operators_by_kind():
 
 def test_attention_with_dropout_counts_its_backward_without_recomputed_scores():
     """CPU attention with dropout runs as explicit matmuls (backward: 2x the forward's FLOPs); without
-    dropout the fused kernel, whose counted backward recomputes the scores (2.5x). The README's gap
+    dropout the fused kernel, whose counted backward recomputes the scores (2.5x). docs/benchmark.md's gap
     between the CPU's and CUDA's step FLOPs is this difference on the Transformers' attention."""
     B, L, d, heads = 4, 7, 8, 2
     x = torch.randn(B, L, d, requires_grad=True)

@@ -9,7 +9,7 @@
 M3BSR is trained on the ci profile's synthetic data (150 users, 200 items, d = 32, T = 5) for 25
 epochs, a few seconds per model. Both claims hold with the defaults, the linear schedule and lambda_c = 0.001.
 With the paper's cosine schedule the CDMD claim fails: its late reverse steps subtract nearly the
-whole predicted noise and carry the features away from the clean ones (README, "Denoising figures").
+whole predicted noise and carry the features away from the clean ones (docs/results.md, denoising figures).
 ``pytest tests/test_denoising.py -s`` prints the numbers.
 """
 from __future__ import annotations

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         elif a.command == "stats":
             from .data.sources import load_dataset  # noqa: PLC0415
             stats = load_dataset(_config(a).data, features=False).stats()
-            stats.pop("modalities")  # features are not loaded here (README, "Data", lists each dataset's)
+            stats.pop("modalities")  # features are not loaded here (docs/data.md lists each dataset's)
             print(json.dumps(stats, indent=2))
     except (DataError, CheckpointError, ConfigError, OSError) as err:  # OSError: e.g. a full disk, a read-only folder
         who = f"m3bsr[rank {os.environ['RANK']}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "m3bsr"

@@ -79,7 +79,7 @@ class ModelConfig:
     shared_specific: bool = True  # one Transformer per modality shared by all behaviours
     modalities: str = "id,image,text"  # subset for ablations; missing data modalities are skipped
     tau: float = 0.1  # contrastive temperature
-    lambda_c: float = 0.001  # chosen on validation (README, "Deviations and choices"); the paper gives no value
+    lambda_c: float = 0.001  # chosen on validation (docs/choices.md); the paper gives no value
     lambda_m: float = 0.1
     lambda_b: float = 0.1
     tie_weights: bool = True  # prediction W tied to the ID embedding table (+ bias); chosen on validation
@@ -258,7 +258,7 @@ def _check_type(value: Any, ftype: str, key: str) -> Any:
     raise ConfigError(f"config field {key!r} expects {ftype}, got {value!r}")
 
 
-# Profiles: ci = seconds to minutes on 2 CPU cores; default = the README's CPU job; paper = GPU scale.
+# Profiles: ci = seconds to minutes on 2 CPU cores; default = the CPU study of docs/results.md; paper = GPU scale.
 # Training budgets, in optimiser steps. ci: a smoke run, 16 steps validated every 4 (it ran 4 epochs of 3
 # steps before). default: validated every 25 steps, at least 500 steps and 500 steps of patience, a budget
 # of 5000. Counted in epochs (3 to 7 steps each on its datasets) the old patience of 10 validations stopped

@@ -62,7 +62,7 @@ def train_runs(cfgs: Iterable[Config], runs: str | Path, jobs: int | None = 1, l
     many worker processes, each with ``torch.get_num_threads() // jobs`` threads (at least 1), take
     the runs (M3BSR's first); the datasets are loaded here first so that the workers find their feature
     caches filled. On a CPU, small models use several threads poorly, so k one-thread runs side by
-    side beat k-thread runs one after another (README, "Running time"). A run's numbers depend on
+    side beat k-thread runs one after another (docs/running-time.md). A run's numbers depend on
     its config, seed and device, not on the process that trains it. ``jobs=None``: :func:`default_jobs`.
     The workers draw no progress bars; a bar here counts the finished runs (with the first run's
     ``progress``). The first failure (or an interrupt) stops every worker and is raised here.

@@ -286,7 +286,7 @@ class ConditionalChain(nn.Module):
       towards what the condition predicts. But the start holds none of the noise the predictor was
       trained to remove at t*, so a large t* asks it to remove noise that is not there, and t* = 1
       barely moves (linear schedule: by 1 % of eps^). T / 3 lies between (validation and
-      planted-truth numbers: README, "Deviations and choices").
+      planted-truth numbers: docs/choices.md).
     """
 
     def __init__(self, cfg: ModelConfig, d: int, seed: int = 0):
