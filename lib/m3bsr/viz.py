@@ -481,6 +481,42 @@ def plot_metric_bars(results: pd.DataFrame, metric: str = "NDCG@10", split: str 
     return fig
 
 
+
+def plot_training_log(history: pd.DataFrame, weights: dict[str, float]):
+    """One run's training log in three panels: each loss term as logged (unweighted), each term times its
+    weight in the total (``weights``: term -> weight, 1 for terms it lacks) with the total, and validation
+    NDCG@10.
+
+    ``history``: the run's ``history.csv`` as a DataFrame, x = its ``step`` column if it has one, else
+    ``epoch``. A loss panel whose values span more than a factor of 10 gets a log scale.
+    """
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+    plt = _plt()
+    x = "step" if "step" in history.columns else "epoch"
+    terms = [t for t in loss_terms({"run": history}) if t not in ("loss", "step", "epoch")]
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 2.9))
+    for ax, weighted in ((axes[0], False), (axes[1], True)):
+        lines = {t: (weights.get(t, 1.0) if weighted else 1.0) * history[t] for t in terms}
+        if weighted and "loss" in history.columns:
+            lines["total"] = history["loss"]
+        for i, (t, v) in enumerate(lines.items()):
+            w = weights.get(t, 1.0)
+            label = f"{w:g} × {t}" if weighted and t != "total" and w != 1.0 else t
+            ax.plot(history[x], v, marker=".", color="k" if t == "total" else f"C{i}", label=label)
+        values = pd.concat(lines.values()).dropna()
+        if len(values) and values.min() > 0 and values.max() / values.min() > 10:
+            ax.set_yscale("log")
+        ax.set(xlabel=x, title="loss terms, weighted as in the total" if weighted else "loss terms as logged")
+        ax.legend(fontsize=6, loc="best", framealpha=0.8)
+    if "valid_NDCG@10" in history.columns:
+        v = history[[x, "valid_NDCG@10"]].dropna()
+        axes[2].plot(v[x], v["valid_NDCG@10"], marker=".", color="k")
+    axes[2].set(xlabel=x, title="validation NDCG@10")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
+
 # ----------------------------------------------------------------------------- 02: diffusion internals
 
 def plot_schedules(abar: dict[str, Sequence[float]]):
