@@ -303,3 +303,28 @@ def test_training_log_plots_every_term_against_the_logged_axis_on_a_log_scale_wh
     flat = viz.plot_training_log(log.assign(contrast=[5.0, 5.1], modality=[1.0, 0.9]), {})
     assert flat.axes[0].get_yscale() == "linear"
     plt.close(flat)
+
+
+def test_user_timeline_shows_the_last_max_len_events_before_each_target():
+    """The histories notebook 01 draws are the last L events of each level strictly before the target,
+    read from the evaluation and training rows; the validation and test targets are the last two favors."""
+    import numpy as np
+    from m3bsr.config import make_config
+    from m3bsr.data.sequences import SequenceData
+    from m3bsr.data.sources import load_dataset
+    cfg = make_config("ci", {"dataset": "synthetic"})
+    ds = load_dataset(cfg.data, features=False)
+    L = 8
+    seq = SequenceData(ds, L, cfg.data.min_deep)
+    users = ds.interactions.groupby("user").size()
+    user = int(users.loc[seq.test["users"].numpy()].idxmax())  # the longest: its oldest events fall outside L
+    tl = viz.user_timeline(ds, seq, user)
+    ev = ds.interactions[ds.interactions["user"] == user]
+    favors = np.sort(ev.loc[ev["level"] == 1, "timestamp"].to_numpy())
+    assert (tl["valid_time"], tl["test_time"]) == (favors[-2], favors[-1])
+    for key, time in (("eval", tl["test_time"]), ("train", tl["train_time"])):
+        for s in (0, 1):
+            t = np.sort(ev.loc[ev["level"] == s, "timestamp"].to_numpy())
+            assert list(tl[key][s]) == list(t[t < time][-L:]), (key, s)
+    assert tl["train_time"] in tl["row_targets"] and tl["train_time"] < tl["valid_time"]
+    assert len(tl["eval"][0]) == L  # the window cut something off
