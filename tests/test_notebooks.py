@@ -22,15 +22,16 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 COMMON_PARAMETERS = {"profile", "plan", "datasets", "seeds", "device", "data_root", "figures_dir", "results_dir", "runs_dir"}
 # figures each notebook must write under the ci profile (name stems; PNG and PDF each)
 CI_FIGURES = {
-    "01_data_preparation": ["01_sequence_lengths", "01_alignment", "01_poster_neighbours"],
+    "01_data_preparation": ["01_sequence_lengths", "01_timeline_synthetic", "01_alignment", "01_poster_neighbours",
+                            "01_timeline_ml-100k-mm"],
     "02_diffusion_internals": ["02_schedules", "02_forward_noising", "02_cdmd_chain", "02_attention", "02_cdbd_clicks"],
-    "03_training": ["03_curves_synthetic", "03_ndcg10"],
+    "03_training": ["03_live_training", "03_curves_synthetic", "03_ndcg10"],
     "04_main_results": ["04_ndcg10"],
     "05_ablations": ["05_ablations", "05_contrastive", "05_steps", "05_robustness"],
     "06_denoising_figures": ["06_tsne", "06_umap", "06_tsne_ml-100k-mm", "06_umap_ml-100k-mm"],
 }
 # figures drawn from a real dataset: expected only where it is under the data root (always under M3BSR_REQUIRE_DATA=1)
-FIGURE_DATASET = {"01_poster_neighbours": "ml-100k-mm", "06_tsne_ml-100k-mm": "ml-100k-mm",
+FIGURE_DATASET = {"01_poster_neighbours": "ml-100k-mm", "01_timeline_ml-100k-mm": "ml-100k-mm", "06_tsne_ml-100k-mm": "ml-100k-mm",
                   "06_umap_ml-100k-mm": "ml-100k-mm"}
 ids = [p.stem for p in NOTEBOOKS]
 KERNEL = "m3bsr"  # the notebooks' Jupyter kernel, installed into .venv by `make install`
@@ -281,3 +282,49 @@ def test_denoising_embeddings_are_computed_again_when_the_saved_file_does_not_se
     (tmp_path / "emb.npz").write_bytes(data[:len(data) // 2])  # killed mid-write by an older version
     assert "B:cdbd/id" in viz.denoising_embeddings(tr.model, split, path, methods=("A", "B"))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("x", ["epoch", "step"])
+def test_training_log_plots_every_term_against_the_logged_axis_on_a_log_scale_where_terms_span_decades(x):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    log = pd.DataFrame({x: [4, 8], "loss": [5.5, 5.3], "ce": [5.3, 5.2], "contrast": [130.0, 110.0],
+                        "modality": [0.1, 0.09], "valid_NDCG@10": [0.1, 0.2], "seconds": [1.0, 1.0]})
+    fig = viz.plot_training_log(log, {"contrast": 0.001, "modality": 0.1})
+    raw, weighted, ndcg = fig.axes
+    assert [ln.get_label() for ln in raw.lines] == ["ce", "contrast", "modality"]
+    assert [ln.get_label() for ln in weighted.lines] == ["ce", "0.001 × contrast", "0.1 × modality", "total"]
+    assert list(weighted.lines[1].get_ydata()) == pytest.approx([0.13, 0.11])
+    assert raw.get_yscale() == weighted.get_yscale() == "log" and raw.get_xlabel() == x
+    assert list(ndcg.lines[0].get_xdata()) == [4, 8]
+    plt.close(fig)
+    flat = viz.plot_training_log(log.assign(contrast=[5.0, 5.1], modality=[1.0, 0.9]), {})
+    assert flat.axes[0].get_yscale() == "linear"
+    plt.close(flat)
+
+
+def test_user_timeline_shows_the_last_max_len_events_before_each_target():
+    """The histories notebook 01 draws are the last L events of each level strictly before the target,
+    read from the evaluation and training rows; the validation and test targets are the last two favors."""
+    import numpy as np
+    from m3bsr.config import make_config
+    from m3bsr.data.sequences import SequenceData
+    from m3bsr.data.sources import load_dataset
+    cfg = make_config("ci", {"dataset": "synthetic"})
+    ds = load_dataset(cfg.data, features=False)
+    L = 8
+    seq = SequenceData(ds, L, cfg.data.min_deep)
+    users = ds.interactions.groupby("user").size()
+    user = int(users.loc[seq.test["users"].numpy()].idxmax())  # the longest: its oldest events fall outside L
+    tl = viz.user_timeline(ds, seq, user)
+    ev = ds.interactions[ds.interactions["user"] == user]
+    favors = np.sort(ev.loc[ev["level"] == 1, "timestamp"].to_numpy())
+    assert (tl["valid_time"], tl["test_time"]) == (favors[-2], favors[-1])
+    for key, time in (("eval", tl["test_time"]), ("train", tl["train_time"])):
+        for s in (0, 1):
+            t = np.sort(ev.loc[ev["level"] == s, "timestamp"].to_numpy())
+            assert list(tl[key][s]) == list(t[t < time][-L:]), (key, s)
+    assert tl["train_time"] in tl["row_targets"] and tl["train_time"] < tl["valid_time"]
+    assert len(tl["eval"][0]) == L  # the window cut something off

@@ -274,6 +274,79 @@ def plot_sequence_lengths(datasets: Iterable[Dataset]):
     return fig
 
 
+
+def user_timeline(ds: Dataset, seq: Any, user: int, target: int | None = None) -> dict[str, Any]:
+    """One user's events and the histories the models read, as ``SequenceData`` (``seq``) builds them.
+
+    Returns {"events": the user's interactions, "eval": per level the times of the test row's history
+    (the last L events strictly before the test target), "valid_time", "test_time", "train_time": the
+    chosen training target's time, "train": per level the times of its history, read from the training
+    row that holds it (its last L events strictly before it, :func:`~m3bsr.data.sequences.history_index`),
+    "row_targets": the times of every target of that row}. ``target``: the index of the training target
+    among the user's (None: the middle one).
+    """
+    from .data.sequences import history_index  # noqa: PLC0415 (imports torch)
+    out: dict[str, Any] = {"events": ds.interactions[ds.interactions["user"] == user]}
+    for split in ("valid", "test"):
+        rows = np.flatnonzero(seq.split(split)["users"].numpy() == user)
+        if len(rows):
+            out[f"{split}_time"] = int(seq.split(split)["target_times"][rows[0], 0])
+        if split == "test" and len(rows):
+            b = seq.test
+            out["eval"] = [b["times"][rows[0], s, 1:][b["items"][rows[0], s, 1:] > 0].numpy() for s in range(seq.S)]
+    tr = seq.train
+    rows = np.flatnonzero(tr["users"].numpy() == user)
+    slots = [(r, k) for r in rows for k in range(tr["targets"].shape[1]) if tr["targets"][r, k] > 0]
+    if slots:
+        r, k = slots[len(slots) // 2 if target is None else target]
+        last = history_index(tr["times"][r:r + 1], tr["target_times"][r:r + 1])[0, :, k]  # (S,) last event before it
+        out["train_time"] = int(tr["target_times"][r, k])
+        out["train"] = [tr["times"][r, s, max(1, int(last[s]) - seq.L + 1):int(last[s]) + 1].numpy() for s in range(seq.S)]
+        out["row_targets"] = tr["target_times"][r][tr["targets"][r] > 0].numpy()
+    return out
+
+
+def plot_timeline(timeline: dict[str, Any], levels: Sequence[str], title: str = ""):
+    """:func:`user_timeline` drawn: one row per behaviour level on one time axis (x: the order of the
+    user's distinct timestamps, so events at one timestamp share a position), the validation and test
+    targets marked, the test target's evaluation history shaded above each row and the training
+    target's history below it, the other targets of its training row ticked."""
+    from matplotlib.patches import Patch  # noqa: PLC0415
+    plt = _plt()
+    ev = timeline["events"]
+    stamps = np.unique(ev["timestamp"].to_numpy())
+    pos = lambda t: np.searchsorted(stamps, t)  # noqa: E731
+    S = len(levels)
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.8 * S))
+    for s, level in enumerate(levels):
+        t = ev.loc[ev["level"] == s, "timestamp"].to_numpy()
+        ax.scatter(pos(t), np.full(len(t), s), marker="|", s=140, color="0.3", lw=1)
+    for key, (lo, hi), colour in (("eval", (0.08, 0.4), "tab:blue"), ("train", (-0.4, -0.08), "tab:green")):
+        for s, times in enumerate(timeline.get(key, [])):
+            if len(times):
+                ax.fill_between([pos(times.min()) - 0.45, pos(times.max()) + 0.45], s + lo, s + hi, color=colour,
+                                alpha=0.3, lw=0)
+    deep = S - 1
+    marks = [("row_targets", "|", "tab:green", 260), ("train_time", "^", "tab:green", 70),
+             ("valid_time", "*", "tab:orange", 160), ("test_time", "*", "tab:red", 160)]
+    for key, marker, colour, size in marks:
+        if key in timeline:
+            t = np.atleast_1d(timeline[key])
+            ax.scatter(pos(t), np.full(len(t), deep + (0.25 if marker == "|" else 0.0)), marker=marker, s=size,
+                       color=colour, zorder=3)
+    handles = [Patch(color="tab:blue", alpha=0.3, label="test target's history (evaluation row)"),
+               Patch(color="tab:green", alpha=0.3, label="one training target's history"),
+               plt.Line2D([], [], marker="^", ls="", color="tab:green", label="that training target"),
+               plt.Line2D([], [], marker="|", ls="", ms=10, color="tab:green", label="targets of its training row"),
+               plt.Line2D([], [], marker="*", ls="", ms=10, color="tab:orange", label="validation target"),
+               plt.Line2D([], [], marker="*", ls="", ms=10, color="tab:red", label="test target")]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set(yticks=range(S), yticklabels=list(levels), ylim=(-0.6, S - 0.3), xlabel="the user's distinct timestamps, in time order",
+           title=title)
+    ax.grid(axis="y", alpha=0)
+    fig.tight_layout()
+    return fig
+
 def plot_alignment(summaries: pd.DataFrame, overlaps: dict[str, pd.DataFrame]):
     """Left: P(deep later | shallow) per dataset. Right: per-user Jaccard(shallow items, deep items)."""
     plt = _plt()
@@ -480,6 +553,42 @@ def plot_metric_bars(results: pd.DataFrame, metric: str = "NDCG@10", split: str 
     fig.tight_layout()
     return fig
 
+
+
+def plot_training_log(history: pd.DataFrame, weights: dict[str, float]):
+    """One run's training log in three panels: each loss term as logged (unweighted), each term times its
+    weight in the total (``weights``: term -> weight, 1 for terms it lacks) with the total, and validation
+    NDCG@10.
+
+    ``history``: the run's ``history.csv`` as a DataFrame, x = its ``step`` column if it has one, else
+    ``epoch``. A loss panel whose values span more than a factor of 10 gets a log scale.
+    """
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+    plt = _plt()
+    x = "step" if "step" in history.columns else "epoch"
+    terms = [t for t in loss_terms({"run": history}) if t not in ("loss", "step", "epoch")]
+    fig, axes = plt.subplots(1, 3, figsize=(10.5, 2.9))
+    for ax, weighted in ((axes[0], False), (axes[1], True)):
+        lines = {t: (weights.get(t, 1.0) if weighted else 1.0) * history[t] for t in terms}
+        if weighted and "loss" in history.columns:
+            lines["total"] = history["loss"]
+        for i, (t, v) in enumerate(lines.items()):
+            w = weights.get(t, 1.0)
+            label = f"{w:g} × {t}" if weighted and t != "total" and w != 1.0 else t
+            ax.plot(history[x], v, marker=".", color="k" if t == "total" else f"C{i}", label=label)
+        values = pd.concat(lines.values()).dropna()
+        if len(values) and values.min() > 0 and values.max() / values.min() > 10:
+            ax.set_yscale("log")
+        ax.set(xlabel=x, title="loss terms, weighted as in the total" if weighted else "loss terms as logged")
+        ax.legend(fontsize=6, loc="best", framealpha=0.8)
+    if "valid_NDCG@10" in history.columns:
+        v = history[[x, "valid_NDCG@10"]].dropna()
+        axes[2].plot(v[x], v["valid_NDCG@10"], marker=".", color="k")
+    axes[2].set(xlabel=x, title="validation NDCG@10")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
 
 # ----------------------------------------------------------------------------- 02: diffusion internals
 
