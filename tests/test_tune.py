@@ -66,6 +66,7 @@ def test_each_trial_lands_small_files_and_no_checkpoint(two_trials):
         assert "valid" in metrics and "test" not in metrics
         assert json.loads((folder / "config.json").read_text())["train"]["seed"] == 0
         assert json.loads((folder / "trial.json").read_text())["state"] == "COMPLETE"
+    assert not list(p["runs"].rglob("*.pt"))  # finished trials keep no checkpoint
 
 
 def test_export_writes_best_overrides_that_make_config_accepts(two_trials):
@@ -127,9 +128,9 @@ def test_tuning_never_reads_the_test_split(tmp_path, monkeypatch):
         self.test = Sealed(self.test)
 
     monkeypatch.setattr(SequenceData, "__init__", sealed_init)
-    cfg = make_config("ci", {"model": "sasrec", "device": "cpu"})
+    cfg = make_config("ci", {"model": "sasrec", "device": "cpu", "cache_dir": str(tmp_path / "cache")})
     with pytest.raises(AssertionError, match="test split was read"):  # the seal works: a normal trainer trips it
-        Trainer(cfg).fit()
+        Trainer(cfg)  # (drawing the test rows' negatives)
     with pytest.raises(ConfigError, match="not 'test'"):
         Trainer(cfg, test=False).evaluate("test")
     p = paths(tmp_path)

@@ -23,8 +23,9 @@ database (by default the SQLite file ``results/tuning/study.db``, kept in the re
   resumes from its run folder's ``last.pt`` where that folder is still there.
 * **Results.** Each trial's ``config.json``, ``history.csv``, ``metrics.json`` (validation only) and
   ``trial.json`` (state, value, parameters) are copied to
-  ``results/tuning/<dataset>/<model>/<profile>/trial-<n>/``; checkpoints stay in the run folder
-  (``runs/tuning/`` by default, not kept). :func:`export` writes ``results/tuning/best.json``, and
+  ``results/tuning/<dataset>/<model>/<profile>/trial-<n>/``; the run folder (``runs/tuning/`` by
+  default, not kept in the repository) holds a trial's checkpoints while it runs, and loses them
+  when it ends. :func:`export` writes ``results/tuning/best.json``, and
   :func:`best_overrides` reads it: the config overrides (relative to the profile) that the final
   five-seed runs train with.
 
@@ -181,6 +182,8 @@ def tune(dataset: str, model: str, profile: str = "default", trials: int | None 
             "number": trial.number, "state": "PRUNED" if pruned else "COMPLETE", "params": trial.params,
             "value": None if pruned else result["valid"][SELECT_METRIC], "best_step": result["best_step"],
             "run": out.name})
+        for checkpoint in out.glob("*.pt"):  # a finished trial is never resumed: its checkpoints go
+            checkpoint.unlink()
         if pruned:
             raise optuna.TrialPruned()
         return result["valid"][SELECT_METRIC]
