@@ -14,8 +14,8 @@ database (by default the SQLite file ``results/tuning/study.db``, kept in the re
   validation NDCG@10; a pruner (:class:`optuna.pruners.MedianPruner`) sees it at every validation
   (``trial.report(NDCG@10, optimizer step)``) and stops trials that trail the median of earlier ones.
 * **Sampler.** TPE with a fixed seed (:data:`SEED` plus the number of trials the study held when the
-  process started, so that processes joining a study draw different startup points). The profile's
-  own values are the first trial of each study.
+  process started, so that processes joining a study draw different startup points), its first
+  :data:`STARTUP_TRIALS` trials random. The profile's own values are the first trial of each study.
 * **Restarts and sharing.** ``tune`` killed at any point and started again continues the study
   (``--trials N`` means "until the study holds N finished trials"). Several processes, or machines
   on one database URL, can share a study. A trial whose process died is found by its heartbeat
@@ -54,7 +54,7 @@ RUNS = Path("runs") / "tuning"  # trial run folders (checkpoints): never in the 
 SEED = 0  # the TPE sampler's seed (plus the trials already in the study)
 HEARTBEAT, GRACE = 60, 300  # seconds: a running trial writes a heartbeat this often; stale after GRACE
 RETRIES = 2  # times a trial whose process died is run again
-STARTUP_TRIALS = 5  # the pruner prunes nothing before this many trials completed
+STARTUP_TRIALS = 5  # TPE draws its first this many trials at random, and the pruner prunes none of them
 SELECT = "NDCG@10"
 
 
@@ -162,7 +162,8 @@ def tune(dataset: str, model: str, profile: str = "default", trials: int | None 
     elif held != fixed:
         raise ConfigError(f"study {name} in {storage} trains trials with {held}, not {fixed} (the trial budget "
                           "in search_spaces.py changed?): give it another --storage")
-    study.sampler = optuna.samplers.TPESampler(seed=SEED + len(study.get_trials(deepcopy=False)))
+    study.sampler = optuna.samplers.TPESampler(n_startup_trials=STARTUP_TRIALS,
+                                               seed=SEED + len(study.get_trials(deepcopy=False)))
     study.enqueue_trial(profile_point(model, profile), skip_if_exists=True)
     data = load_data(base)  # once per process: the search changes no data field
     results = Path(results) / dataset / model / profile
