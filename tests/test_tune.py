@@ -164,3 +164,14 @@ def test_a_study_refuses_another_trial_budget(tmp_path, monkeypatch):
     optuna.create_study(study_name=NAME, storage=p["storage"]).set_user_attr("fixed", {"max_steps": 3})
     with pytest.raises(ConfigError, match="trains trials with"):
         tune.tune("synthetic", "sasrec", "ci", 1, p["storage"], runs=p["runs"], results=p["results"], device="cpu")
+
+
+@pytest.mark.parametrize("model", ["pop", "sasrec", "sasrec-mm", "bert4rec", "mbt", "diffurec", "m3bsr"])
+def test_every_draw_of_a_search_space_is_a_valid_config(model):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        draw = {k: tune.suggest(trial, k, d) for k, d in tune.space(model).items()}
+        cfg = make_config("default", {**tune.trial_budget("default"), **draw, "model": model})
+        assert cfg.model.d % cfg.model.heads == 0
+    assert set(tune.profile_point(model, "default")) == set(tune.space(model))  # the profile lies in the space
