@@ -1,7 +1,11 @@
 """``python -m m3bsr tune``: studies that survive restarts, shared storage, pruning, validation only,
 and the export that the final runs read (ci profile, sasrec on synthetic, a few seconds a trial)."""
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -157,6 +161,8 @@ def test_a_trial_whose_process_died_is_failed_and_run_again(tmp_path, monkeypatc
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
     assert trials[1].params == tune.profile_point("sasrec", "ci")  # the dead trial's (enqueued) parameters
     assert trials[1].system_attrs["failed_trial"] == 0
+    summary = json.loads((p["results"] / "synthetic" / "sasrec" / "ci" / "trial-1" / "trial.json").read_text())
+    assert summary["run"] == "trial-0"  # the retry trained in (and would resume from) the dead trial's run folder
 
 
 def test_a_study_refuses_another_trial_budget(tmp_path, monkeypatch):
@@ -175,3 +181,29 @@ def test_every_draw_of_a_search_space_is_a_valid_config(model):
         cfg = make_config("default", {**tune.trial_budget("default"), **draw, "model": model})
         assert cfg.model.d % cfg.model.heads == 0
     assert set(tune.profile_point(model, "default")) == set(tune.space(model))  # the profile lies in the space
+
+
+def test_two_processes_share_one_study(tmp_path):
+    """Two ``tune`` processes on one SQLite file: every trial is finished once, with its own number,
+    and together they reach N (one may run a trial over: export then uses the first N)."""
+    p = paths(tmp_path)
+    lib = Path(tune.__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(lib), "OMP_NUM_THREADS": "1", "CI": "true"}
+    cmd = [sys.executable, "-m", "m3bsr", "tune", "--dataset", "synthetic", "--model", "sasrec", "--profile", "ci",
+           "--trials", "3", "--storage", p["storage"], "--runs", str(p["runs"]), "--results", str(p["results"]),
+           "--device", "cpu"]
+    first = subprocess.Popen(cmd, env=env)
+    storage = tune.open_storage(p["storage"])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the second joins once the first has begun its first trial
+        try:
+            if optuna.load_study(study_name=NAME, storage=storage).get_trials(deepcopy=False):
+                break
+        except KeyError:  # no study yet
+            pass
+        time.sleep(0.2)
+    second = subprocess.Popen(cmd, env=env)
+    assert first.wait(120) == 0 and second.wait(120) == 0
+    trials = optuna.load_study(study_name=NAME, storage=p["storage"]).trials
+    assert [t.state.name for t in trials].count("COMPLETE") in (3, 4) and len(trials) in (3, 4)
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == len(trials)  # no point drawn twice

@@ -14,7 +14,8 @@ database (by default the SQLite file ``results/tuning/study.db``, kept in the re
   validation NDCG@10; a pruner (:class:`optuna.pruners.MedianPruner`) sees it at every validation
   (``trial.report(NDCG@10, optimizer step)``) and stops trials that trail the median of earlier ones.
 * **Sampler.** TPE with a fixed seed (:data:`SEED` plus the number of trials the study held when the
-  process started, so that processes joining a study draw different startup points), its first
+  process started, so that a process joining a study draws other startup points; two processes
+  started on an empty study at the same moment draw the same ones), its first
   :data:`STARTUP_TRIALS` trials random. The profile's own values are the first trial of each study.
 * **Restarts and sharing.** ``tune`` killed at any point and started again continues the study
   (``--trials N`` means "until the study holds N finished trials"). Several processes, or machines
@@ -23,9 +24,9 @@ database (by default the SQLite file ``results/tuning/study.db``, kept in the re
   resumes from its run folder's ``last.pt`` where that folder is still there.
 * **Results.** Each trial's ``config.json``, ``history.csv``, ``metrics.json`` (validation only) and
   ``trial.json`` (state, value, parameters) are copied to
-  ``results/tuning/<dataset>/<model>/<profile>/trial-<n>/``; the run folder (``runs/tuning/`` by
-  default, not kept in the repository) holds a trial's checkpoints while it runs, and loses them
-  when it ends. :func:`export` writes ``results/tuning/best.json``, and
+  ``results/tuning/<dataset>/<model>/<profile>/trial-<n>/``; its run folder
+  ``runs/tuning/<dataset>/<model>/<profile>/trial-<n>/`` (not kept in the repository) holds its
+  checkpoints while it runs, and loses them when it ends. :func:`export` writes ``results/tuning/best.json``, and
   :func:`best_overrides` reads it: the config overrides (relative to the profile) that the final
   five-seed runs train with.
 
@@ -139,7 +140,7 @@ def tune(dataset: str, model: str, profile: str = "default", trials: int | None 
     study: 0 trials.
     """
     import optuna  # noqa: PLC0415
-    from .train import SELECT_METRIC, Trainer, load_data, run_dir  # noqa: PLC0415
+    from .train import SELECT_METRIC, Trainer, load_data  # noqa: PLC0415
 
     sp = space(model)
     n = TRIALS.get(profile, 0) if trials is None else trials
@@ -166,18 +167,20 @@ def tune(dataset: str, model: str, profile: str = "default", trials: int | None 
                                                seed=SEED + len(study.get_trials(deepcopy=False)))
     study.enqueue_trial(profile_point(model, profile), skip_if_exists=True)
     data = load_data(base)  # once per process: the search changes no data field
-    results = Path(results) / dataset / model / profile
+    results, runs = Path(results) / dataset / model / profile, Path(runs) / dataset / model / profile
 
     def objective(trial: optuna.Trial) -> float:
         cfg = make_config(profile, {**fixed, **{k: suggest(trial, k, d) for k, d in sp.items()},
                                     "device": device, "progress": False})
-        out = run_dir(cfg, runs)
+        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        origin = frozen.system_attrs.get("failed_trial")  # a retried trial resumes its original's run
+        out = runs / f"trial-{trial.number if origin is None else origin}"
 
         def report(step: int, valid: dict[str, float]) -> bool:
             trial.report(valid[SELECT_METRIC], step)
             return trial.should_prune()
 
-        result = Trainer(cfg, out, dataset=data, test=False).fit(resume=True, on_validation=report)
+        result = Trainer(cfg, out, dataset=data, test=False).fit(resume=origin is not None, on_validation=report)
         pruned = bool(result.get("stopped_by_callback"))
         save_trial(out, results / f"trial-{trial.number}", {
             "number": trial.number, "state": "PRUNED" if pruned else "COMPLETE", "params": trial.params,
