@@ -1,4 +1,4 @@
-"""Command line: ``python -m m3bsr train | evaluate | stats | bench | config | check-data``.
+"""Command line: ``python -m m3bsr train | evaluate | stats | bench | config | check-data | tune``.
 
     python -m m3bsr train --dataset ml-100k-mm --model m3bsr --profile default --seed 0 --out runs/x
     python -m m3bsr train --data-file my.csv --deep buy --model sasrec --profile ci --out runs/y
@@ -6,6 +6,8 @@
     python -m m3bsr bench --size full --device cpu --out results/bench   # performance ratios (bench.py)
     python -m m3bsr config --profile ci [--set T=5]   # every config field: value, type, allowed values
     python -m m3bsr check-data [--data-root DIR]      # the datasets' layout and SHA-256 checksums
+    python -m m3bsr tune --dataset ml-100k-mm --model sasrec [--trials N] [--timeout S]   # docs/tuning.md
+    python -m m3bsr tune --export                     # results/tuning/best.json: each study's best trial
     torchrun --nproc_per_node=2 -m m3bsr train ...   # data-parallel (gloo on CPU, nccl on CUDA)
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import os
 import sys
 import tokenize
+from pathlib import Path
 
 from .config import ABOVE, CHOICES, PROFILES, RANGES, Config, ConfigError, make_config
 from .data.schema import DataError
@@ -72,6 +75,20 @@ def _parser() -> argparse.ArgumentParser:
                        "copies (exit 1 on a mismatch or a file missing from a present dataset)")
     d.add_argument("--data-root", help="folder holding the datasets (else $M3BSR_DATA, else ../shared/datasets)")
     d.add_argument("--all", action="store_true", help="also exit 1 when a dataset is not present at all")
+
+    u = sub.add_parser("tune", help="equal-budget hyperparameter search on validation only (docs/tuning.md)")
+    u.add_argument("--dataset", help="the dataset whose study runs (with --model)")
+    u.add_argument("--model", choices=sorted(MODELS))
+    u.add_argument("--profile", default="default", choices=sorted(PROFILES))
+    u.add_argument("--trials", type=int, help="run until the study holds this many finished (complete or pruned) "
+                   "trials (default: the profile's, search_spaces.TRIALS)")
+    u.add_argument("--storage", help="the study database URL (default: sqlite:///results/tuning/study.db)")
+    u.add_argument("--timeout", type=float, help="seconds: start no trial after this (one in progress runs on)")
+    u.add_argument("--runs", help="the trials' run folders, checkpoints (default: runs/tuning)")
+    u.add_argument("--results", help="where each trial's small files and best.json land (default: results/tuning)")
+    u.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    u.add_argument("--export", action="store_true",
+                   help="write results/tuning/best.json: each study's best trial as overrides of its profile")
     return p
 
 
@@ -195,6 +212,16 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import run_bench  # noqa: PLC0415
             run_bench(a.size, a.device, a.out, run=a.run, threads=a.threads, repeats=a.repeats, epochs=a.epochs,
                       batch_size=a.batch, bf16=a.bf16, compile=a.compile)
+        elif a.command == "tune":
+            from . import tune  # noqa: PLC0415 (optuna loads here)
+            if (a.dataset is None) != (a.model is None) or (a.dataset is None and not a.export):
+                p.error("tune: give --dataset and --model (a study to run), --export, or both")
+            storage, results = a.storage or tune.STORAGE, a.results or tune.RESULTS
+            if a.dataset is not None:
+                tune.tune(a.dataset, a.model, a.profile, a.trials, storage, a.timeout, a.runs or tune.RUNS,
+                          results, a.device)
+            if a.export:
+                tune.export(storage, Path(results) / "best.json")
         elif a.command == "stats":
             from .data.sources import load_dataset  # noqa: PLC0415
             stats = load_dataset(_config(a).data, features=False).stats()

@@ -3,7 +3,9 @@ and data-parallel training with ``torchrun``.
 
 ``Trainer(cfg).fit()`` loads the data, trains ``cfg.model.model`` with Adam on CE (+ the model's
 auxiliary terms), evaluates on validation every ``eval_steps`` optimiser steps, keeps the best
-checkpoint by validation NDCG@10, and evaluates test once from it.
+checkpoint by validation NDCG@10, and evaluates test once from it. ``Trainer(cfg, test=False)``
+never reads the test split (tuning, docs/tuning.md); ``fit(on_validation=f)`` calls ``f(step,
+valid metrics)`` after each validation and stops when it returns True (a tuner's pruner).
 
 **Budget.** Training counts optimiser steps, whatever the dataset's size: it ends after
 ``max_steps`` (or an ``epochs`` cap, if set), or once ``patience_steps`` steps passed without a new
@@ -447,8 +449,12 @@ class Trainer:
     """Train one model on one dataset. ``out`` holds config.json, history.csv, checkpoints, metrics.json,
     train.log."""
 
-    def __init__(self, cfg: Config, out: str | Path | None = None, dataset: Dataset | None = None):
+    def __init__(self, cfg: Config, out: str | Path | None = None, dataset: Dataset | None = None,
+                 test: bool = True):
+        """``test=False`` (tuning): the test split is never read, neither its negatives drawn nor
+        its metrics computed; :meth:`evaluate` and :meth:`ranks` refuse it."""
         self.cfg = cfg
+        self.splits = ("valid", "test") if test else ("valid",)  # the evaluation splits this trainer reads
         self.out = Path(out) if out is not None else None
         if self.out is not None and self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"{self.out}: exists and is not a folder (the run folder)")
@@ -470,7 +476,7 @@ class Trainer:
                 raise DataError(f"no user has {cfg.data.min_deep} or more events of the deep level "
                                 f"{self.ds.levels[-1]!r}, the most any user has is {most}: nothing to evaluate{hint}",
                                 file=self.ds.name)
-            self.negatives = {s: sampled_negatives(self.seq, s, n, cache) for s in ("valid", "test")} if n else {}
+            self.negatives = {s: sampled_negatives(self.seq, s, n, cache) for s in self.splits} if n else {}
         set_seed(cfg.train.seed)
         self.info = data_info(self.ds, self.seq)
         self.model = build_model(cfg.model, self.info).to(self.device)
@@ -574,6 +580,8 @@ class Trainer:
         return self.loss_fn
 
     def _eval_args(self, split: str) -> tuple:
+        if split not in self.splits:
+            raise ConfigError(f"this trainer evaluates {', '.join(self.splits)} only (made with test=False), not {split!r}")
         t = self.cfg.train
         return (self.model, self.seq.split(split), self.device), dict(
             batch_size=t.eval_batch_size, negatives=self.negatives.get(split),
@@ -652,10 +660,13 @@ class Trainer:
         return self.steps >= self.budget() or (self.best_step >= 0 and self.steps >= t.min_steps
                                                and waited >= t.patience_steps)
 
-    def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train (:meth:`train`), then evaluate valid and test once with the best validation weights;
-        writes ``<out>/metrics.json`` and returns its dict. Progress goes to the logger ``m3bsr.train``
-        and, with a run folder, to ``<out>/train.log`` (appended to)."""
+    def fit(self, resume: bool = False,
+            on_validation: Callable[[int, dict[str, float]], bool] | None = None) -> dict[str, Any]:
+        """Train (:meth:`train`), then evaluate valid and test (valid only with ``test=False``) once with
+        the best validation weights; writes ``<out>/metrics.json`` and returns its dict. Progress goes to
+        the logger ``m3bsr.train`` and, with a run folder, to ``<out>/train.log`` (appended to).
+        ``on_validation(step, valid metrics)`` is called after each validation; True stops training
+        there (a tuner's pruner), ``stopped_by_callback`` in the result says so."""
         main = self.dist.main
         handler = _log_to(self.out / "train.log") if self.out is not None and main else None
         try:
@@ -672,8 +683,9 @@ class Trainer:
                         (self.out / name).unlink(missing_ok=True)
                 if main:
                     atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=2))
+            stopped = False
             if self.model.trainable:
-                self.train(resumed)
+                stopped = self.train(resumed, on_validation)
             else:
                 if main:
                     log.info("%s on %s: nothing to train", self.cfg.model.model, self.ds.name)
@@ -682,27 +694,35 @@ class Trainer:
                     if main:
                         save_checkpoint(self.out / "best.pt", state)
                     self.dist.barrier()
-            result = {"valid": self.evaluate("valid"), "test": self.evaluate("test"), "best_step": self.best_step,
+            result = {**{s: self.evaluate(s) for s in self.splits}, "best_step": self.best_step,
                       "best_epoch": self._epochs(self.best_step) if self.best_step >= 0 else -1,
                       "model": self.cfg.model.model, "dataset": self.ds.name, "n_eval_users": self.seq.n_eval_users}
+            if stopped:
+                result["stopped_by_callback"] = True
             if self.out is not None:
                 if main:
                     atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2))
                 self.dist.barrier()
             if main:
-                log.info("test %s %.4f (valid %.4f)%s", SELECT_METRIC, result["test"][SELECT_METRIC],
-                         result["valid"][SELECT_METRIC], f"; {self.out / 'metrics.json'}" if self.out else "")
+                where = f"; {self.out / 'metrics.json'}" if self.out else ""
+                if "test" in result:
+                    log.info("test %s %.4f (valid %.4f)%s", SELECT_METRIC, result["test"][SELECT_METRIC],
+                             result["valid"][SELECT_METRIC], where)
+                else:
+                    log.info("valid %s %.4f (test not read)%s", SELECT_METRIC, result["valid"][SELECT_METRIC], where)
             return result
         finally:
             if handler is not None:
                 log.removeHandler(handler)
                 handler.close()
 
-    def train(self, resumed: bool = False) -> None:
+    def train(self, resumed: bool = False,
+              on_validation: Callable[[int, dict[str, float]], bool] | None = None) -> bool:
         """Train until the budget is spent or early stopping ends the run (:meth:`_stopped`), validating
         every ``eval_steps`` steps and at the end of the budget; a checkpoint (``last.pt``, and
-        ``best.pt`` at a new best) and a history row follow each validation. Ends holding the weights
-        of the best validation."""
+        ``best.pt`` at a new best) and a history row follow each validation, then
+        ``on_validation(step, valid metrics)``, whose True ends training there. Ends holding the weights
+        of the best validation; returns whether ``on_validation`` ended it."""
         t, main = self.cfg.train, self.dist.main
         if not self.steps_per_epoch:
             raise DataError("no training rows: no user has a deep event before their validation target",
@@ -716,8 +736,9 @@ class Trainer:
                      f"; resumed at step {self.steps}" if resumed else "")
         self.best_model = None
         bar = progress_bar(budget, self.steps, f"{self.cfg.model.model} {self.ds.name}", t.progress and main)
+        stopped = False
         with bar, _logging_beside(bar):
-            while not self._stopped():
+            while not stopped and not self._stopped():
                 t0 = time.perf_counter()
                 losses = self.train_steps(min(t.eval_steps - self.steps % t.eval_steps, budget - self.steps), bar)
                 seconds = time.perf_counter() - t0
@@ -740,15 +761,17 @@ class Trainer:
                     if not bar.disable:
                         bar.set_postfix(valid=f"{valid[SELECT_METRIC]:.4f}", best=f"{self.best:.4f}", refresh=False)
                     log.info(self._report(losses, valid[SELECT_METRIC], seconds))
+                stopped = on_validation is not None and bool(on_validation(self.steps, valid))
         if main:
-            why = (f"budget of {budget} steps spent" if self.steps >= budget else
-                   f"early stop: {self.steps - self.best_step} steps without a new best")
+            why = ("stopped by on_validation" if stopped else f"budget of {budget} steps spent"
+                   if self.steps >= budget else f"early stop: {self.steps - self.best_step} steps without a new best")
             log.info("stopped at step %d (%s); best valid %s %.4f at step %d", self.steps, why, SELECT_METRIC,
                      self.best, self.best_step)
         if self.best_model is not None:
             self.model.load_state_dict(self.best_model)
         elif self.out is not None and self.best_step > 0:  # resumed after the best validation
             self.load_best()
+        return stopped
 
     def _epochs(self, steps: int) -> float:
         """Passes over the training rows that ``steps`` steps make (3 decimals)."""
