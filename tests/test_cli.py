@@ -36,7 +36,8 @@ def test_config_prints_every_field_with_its_value_type_and_allowed_values(capsys
     assert rows["model.tau"][1:3] == ["float", "> 0.0"]
     assert rows["model.router"][2] == "one of gate, softmax, mean"
     assert rows["model.model"][2] == "one of " + ", ".join(sorted(MODELS))
-    assert rows["model.inference_steps"] == ["none", "int | None", ">= 1 | none", "<= T, strided; None: T"]
+    assert rows["model.inference_steps"] == ["none", "int | None", ">= 1 | none",
+                                             "<= T, strided; None: as trained (T, train_steps; random_t: 1 DDIM step)"]
     assert rows["data.syn_noise"][2] == "0.0..1.0" and rows["train.mask_seen"][:3] == ["false", "bool", "true | false"]
 
 

@@ -36,7 +36,7 @@ def tiny_cfg(**kw) -> ModelConfig:
 
 def ci_config(tmp_path, **over):
     return make_config("ci", {"dataset": "synthetic", "cache_dir": str(tmp_path / "cache"), "progress": False,
-                              "model": "m3bsr", "epochs": 3, "patience": 10, **over})
+                              "model": "m3bsr", "max_steps": 9, "eval_steps": 3, **over})
 
 
 def _spy_predictor(chain: ConditionalChain) -> list:
@@ -234,7 +234,7 @@ def test_mode_fields_are_checked_where_they_are_read():
 @pytest.mark.parametrize("mode", MODES)
 def test_each_mode_trains_its_predictors_deterministically_and_resumes_exactly(tmp_path, mode):
     """Each mode trains M3BSR on the ci profile: finite losses that fall, every noise predictor's weights
-    moved; the same seed gives the same metrics; a run killed after epoch 2 and resumed ends with the
+    moved; the same seed gives the same metrics; a run killed after its second validation and resumed ends with the
     uninterrupted run's metrics. random_t's evaluation start t* can be changed on a trained run."""
     first = Trainer(ci_config(tmp_path, train_mode=mode), tmp_path / "a")
     init = {k: v.clone() for k, v in first.model.state_dict().items()}
@@ -253,18 +253,18 @@ def test_each_mode_trains_its_predictors_deterministically_and_resumes_exactly(t
             != res["test"]
 
     cut = Trainer(ci_config(tmp_path, train_mode=mode), tmp_path / "cut")
-    real_epoch, calls = cut.train_epoch, []
+    real_steps, calls = cut.train_steps, []
 
-    def crash_in_third_epoch():
+    def crash_in_third_stretch(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt  # the process dies mid-run; last.pt holds epoch 2
-        return real_epoch()
+            raise KeyboardInterrupt  # the process dies mid-run; last.pt holds the second validation (step 6)
+        return real_steps(*args, **kwargs)
 
-    cut.train_epoch = crash_in_third_epoch
+    cut.train_steps = crash_in_third_stretch
     with pytest.raises(KeyboardInterrupt):
         cut.fit()
-    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 2
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["steps"] == 6
     resumed = Trainer(ci_config(tmp_path, train_mode=mode), tmp_path / "cut").fit(resume=True)
     assert resumed == res
     assert (tmp_path / "cut" / "metrics.json").read_text() == (tmp_path / "a" / "metrics.json").read_text()

@@ -173,7 +173,7 @@ class Config:
 
 # Fields added after run folders existed: part of the hash only when set away from this default.
 ADDED_FIELDS: dict[str, dict[str, Any]] = {
-    "data": {"deep_noise": 0.0, "deep_keep": 1.0},
+    "data": {"deep_noise": 0.0, "deep_keep": 1.0, "row_len": None},
     "model": {"train_mode": "chain", "train_steps": None, "random_t_eval_from": None, "predictor_residual": True},
 }
 
