@@ -287,7 +287,7 @@ def test_position_ids_count_back_from_the_newest_event():
 
 
 @pytest.mark.parametrize("name", ["synthetic"] + [pytest.param(n, marks=pytest.mark.dataset(n))
-                                                  for n in ("ml-100k-mm", "ml-latest-small-mm")])
+                                                  for n in ("ml-100k-mm", "ml-latest-small-mm", "rec-tmall", "taobao-ub")])
 def test_real_datasets_train_on_evaluation_histories(name, capsys):
     """On each dataset at the default profile: no training target reads another history than its
     evaluation-style one, and every (level, position) an evaluation row reads is trained, or lies
