@@ -192,9 +192,9 @@ def test_registry_builds_m3bsr_and_shapes():
     assert isinstance(model, M3BSR)
     batch = tiny_batch()
     y, aux = model.user_vectors(batch)
-    assert y.shape == (3, L, D) and set(aux) == {"modality", "behavior", "contrast"}
+    assert y.shape == (3, L, D) and set(aux) == {"modality", "behaviour", "contrast"}
     out = model.loss(batch)
-    assert set(out) == {"loss", "ce", "modality", "behavior", "contrast"}
+    assert set(out) == {"loss", "ce", "modality", "behaviour", "contrast"}
     assert all(torch.isfinite(v) for v in out.values())
     model.eval()
     y, aux = model.user_vectors(tiny_batch(eval_rows=True))
@@ -283,7 +283,7 @@ def test_each_switch_removes_its_component():
     full = make()
     base = n_params(full)
     aux = set(full.user_vectors(batch)[1])
-    for kw, gone in ((dict(cdmd=False), "modality"), (dict(cdbd=False), "behavior"),
+    for kw, gone in ((dict(cdmd=False), "modality"), (dict(cdbd=False), "behaviour"),
                      (dict(contrastive=False), "contrast")):
         m = make(**kw)
         assert set(m.user_vectors(batch)[1]) == aux - {gone}
@@ -315,7 +315,7 @@ def test_three_levels_and_deeper_options():
     for deeper in ("next", "all"):
         model = make(S=3, cdbd_deeper=deeper)
         out = model.loss(tiny_batch(S=3))
-        assert torch.isfinite(out["loss"]) and "behavior" in out
+        assert torch.isfinite(out["loss"]) and "behaviour" in out
         assert model.n_experts == 3 * 3 + 1
     batch = tiny_batch(S=3)
     nxt, every = make(S=3, cdbd_deeper="next").eval(), make(S=3, cdbd_deeper="all").eval()
@@ -330,7 +330,7 @@ def test_single_level_dataset_trains():
     model = make(S=1)
     assert model.cdbd is None and model.common is None and model.n_experts == 3
     out = model.loss(tiny_batch(S=1))
-    assert "behavior" not in out and torch.isfinite(out["loss"])
+    assert "behaviour" not in out and torch.isfinite(out["loss"])
     out["loss"].backward()
 
 
@@ -459,7 +459,7 @@ def _cdbd_changes_level0(model: M3BSR, S: int, changed: dict[str, int]) -> bool:
             h = {m: v.clone() for m, v in base.items()}
             for m, level in change.items():
                 h[m][:, level] += torch.randn_like(h[m][:, level])
-            model.behavior_denoising(h, batch["times"], batch["items"] > 0)
+            model.behaviour_denoising(h, batch["times"], batch["items"] > 0)
             outs.append(h["id"][:, 0])
     return not torch.allclose(*outs)
 
@@ -747,8 +747,8 @@ def test_total_loss_weights_each_auxiliary_term_by_its_own_lambda():
     """Catches an auxiliary term weighted by another term's lambda, or added unweighted."""
     model = make(lambda_c=0.3, lambda_m=0.5, lambda_b=0.7)
     out = model.loss(tiny_batch())
-    assert {"contrast", "modality", "behavior"} <= out.keys()
-    expected = out["ce"] + 0.3 * out["contrast"] + 0.5 * out["modality"] + 0.7 * out["behavior"]
+    assert {"contrast", "modality", "behaviour"} <= out.keys()
+    expected = out["ce"] + 0.3 * out["contrast"] + 0.5 * out["modality"] + 0.7 * out["behaviour"]
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 

@@ -240,7 +240,7 @@ def test_each_mode_trains_its_predictors_deterministically_and_resumes_exactly(t
     init = {k: v.clone() for k, v in first.model.state_dict().items()}
     res = first.fit()
     hist = first.history
-    assert all(math.isfinite(h[k]) for h in hist for k in ("loss", "ce", "modality", "behavior"))
+    assert all(math.isfinite(h[k]) for h in hist for k in ("loss", "ce", "modality", "behaviour"))
     assert hist[-1]["loss"] < hist[0]["loss"]
     moved = {k.split(".predictor.")[0] for k, v in first.model.state_dict().items()
              if ".predictor." in k and not torch.equal(v, init[k])}

@@ -255,7 +255,7 @@ class NaiveM3BSR(M3BSR):
             h[m] = torch.stack(out, 1)
         return loss
 
-    def behavior_denoising(self, h, times, valid, rec=None):
+    def behaviour_denoising(self, h, times, valid, rec=None):
         B, S, L1, d = h["id"].shape
         same = self.cfg.cdbd_condition == "same"
         new = {m: list(h[m].unbind(1)) for m in self.modalities}

@@ -73,7 +73,7 @@ class Recommender(nn.Module):
 
     def aux_weight(self, name: str) -> float:
         return {"contrast": self.cfg.lambda_c, "modality": self.cfg.lambda_m,
-                "behavior": self.cfg.lambda_b}.get(name, 1.0)
+                "behaviour": self.cfg.lambda_b}.get(name, 1.0)
 
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scores of all items for each row's first target: ``(B, N+1)`` (column 0 = padding)."""

@@ -243,7 +243,7 @@ class M3BSR(Recommender):
         """Levels that condition level s: the next deeper one, or (cdbd_deeper='all') every deeper one."""
         return [s + 1] if self.cfg.cdbd_deeper == "next" else list(range(s + 1, S))
 
-    def behavior_denoising(self, h: dict[str, torch.Tensor], times: torch.Tensor, valid: torch.Tensor,
+    def behaviour_denoising(self, h: dict[str, torch.Tensor], times: torch.Tensor, valid: torch.Tensor,
                            rec: dict | None = None) -> torch.Tensor | None:
         """For every level s < S-1 and modality m: ``h^{s,m} <- Chain_m(h^{s,m} | h^{deeper, m})``.
 
@@ -373,9 +373,9 @@ class M3BSR(Recommender):
         if rec is not None:
             rec["cdmd"] = {m: v.detach() for m, v in h.items()}
         if self.cdbd is not None:
-            loss = self.behavior_denoising(h, times, valid, rec)
+            loss = self.behaviour_denoising(h, times, valid, rec)
             if self.training:
-                aux["behavior"] = loss
+                aux["behaviour"] = loss
         if rec is not None:
             rec["cdbd"] = {m: v.detach() for m, v in h.items()}
         idx = history_index(times, batch["target_times"])  # (B, S, K)
@@ -390,7 +390,7 @@ class M3BSR(Recommender):
         return self.route(z), aux, z
 
     def user_vectors(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """-> (y ``(B, K, d)``, {"modality": L_m, "behavior": L_b, "contrast": L_c}); aux is empty in eval."""
+        """-> (y ``(B, K, d)``, {"modality": L_m, "behaviour": L_b, "contrast": L_c}); aux is empty in eval."""
         y, aux, _ = self.forward_all(batch)
         return y, aux
 
