@@ -25,7 +25,8 @@ user, so all of them train in one pass: per level, the stream runs from the ``L`
 before the first target up to the last event before the last target (at most ``row_len`` events,
 which caps K), and the models restrict every attention to a window of ``L`` events
 (:func:`m3bsr.models.layers.window_mask`), so the readout of target k at its history index
-(:func:`history_index`) sees exactly its last ``L`` events of each level.
+(:func:`history_index`) sees exactly its last ``L`` events of each level (through stacked layers
+the keys of that window may carry older events of the row: ``docs/protocol.md``, "Training").
 :func:`position_ids` numbers each stream's events back from its newest (1 = newest), the event an
 evaluation row reads, and every training row's last target reads it too.
 
