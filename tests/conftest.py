@@ -8,6 +8,7 @@ as a row of skips.
 import os
 
 import pytest
+import torch
 
 from m3bsr.data.sources import dataset_missing
 
@@ -40,3 +41,13 @@ def pytest_runtest_setup(item):
     why = missing(item) if os.environ.get("M3BSR_REQUIRE_DATA") == "1" else None
     if why:
         pytest.fail(f"M3BSR_REQUIRE_DATA=1: {why}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation cost (and stall on a busy machine).
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

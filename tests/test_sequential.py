@@ -14,14 +14,7 @@ from m3bsr.models.sequential import BERT4Rec, DiffuRec, MBT, diffurec_betas
 N, L, S = 30, 8, 2
 FUTURE = range(N - 4, N + 1)  # ids used only to perturb events at or after a target
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_batch(B=6, S=S, L=L, seed=0, eval_rows=False):

@@ -20,14 +20,7 @@ from m3bsr.train import Trainer, evaluate_run, load_checkpoint
 D = 16
 MODES = ("strided", "random_t")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: threads only add synchronisation cost (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_cfg(**kw) -> ModelConfig:
