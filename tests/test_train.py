@@ -4,6 +4,7 @@ import ctypes
 import hashlib
 import io
 import json
+import logging
 import random
 import subprocess
 import sys
@@ -77,6 +78,47 @@ def test_compiled_training_follows_the_eager_run(tmp_path, monkeypatch):
     for a, b in zip(eager, compiled):
         assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-4)
         assert float(b["valid_NDCG@10"]) == pytest.approx(float(a["valid_NDCG@10"]), abs=0.01)
+
+
+def test_cuda_graphs_on_the_cpu_train_eagerly_with_one_warning(tmp_path, caplog):
+    """``cuda_graphs`` is a CUDA path: on the CPU it warns once and trains and evaluates exactly as eager."""
+    compiled = []
+    with caplog.at_level(logging.WARNING, logger="m3bsr"):
+        runs = []
+        for g in (False, True):  # each built and trained in turn (building one seeds the global generator)
+            tr = Trainer(ci_config(tmp_path, model="m3bsr", cuda_graphs=g, max_steps=4, eval_steps=2, device="cpu"),
+                         tmp_path / str(g))
+            real = tr._compiled
+            tr._compiled = lambda fn, real=real: compiled.append(fn) or real(fn)
+            tr.fit()
+            runs.append(tr)
+    warned = [r.getMessage() for r in caplog.records if "cuda_graphs" in r.getMessage()]
+    assert warned == ["cuda_graphs: cpu is not a CUDA device; training and evaluation run without CUDA graphs"]
+    assert [tr.score_fn for tr in runs] == [None, None] and all(not tr.graphs for tr in runs)
+    assert [(tmp_path / str(g) / "metrics.json").read_text() for g in (False, True)].count(
+        (tmp_path / "False" / "metrics.json").read_text()) == 2  # bit for bit the eager run
+    assert len(compiled) == 2 and all(fn == tr.model.loss for fn, tr in zip(compiled, runs))  # eager: fn itself
+
+
+def test_cuda_graphs_on_cuda_compile_the_step_and_the_scorer_for_static_shapes(tmp_path, monkeypatch):
+    """Which torch.compile call each setting makes (recorded, not run: this machine may have no GPU);
+    under CUDA graphs the scorer's output is copied before the next batch's replay can overwrite it."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    tr = Trainer(ci_config(tmp_path, model="sasrec", cuda_graphs=True, device="cpu"))
+    tr.graphs = True  # what a CUDA device sets
+    tr._compiled(tr.model.loss)
+    assert calls == [{"mode": "reduce-overhead", "dynamic": False}]
+    outputs = []
+    tr.score_fn = None
+    real = tr.model.score
+    monkeypatch.setattr(tr.model, "score", lambda b: outputs.append(real(b)) or outputs[-1])
+    assert tr.evaluate("valid") == Trainer(ci_config(tmp_path, model="sasrec", device="cpu")).evaluate("valid")
+    assert calls[-1] == {"mode": "reduce-overhead", "dynamic": False} and len(calls) == 2 and outputs
+    tr.graphs = False
+    tr.cfg.model.compile = True
+    tr._compiled(tr.model.loss)
+    assert calls[-1] == {}  # compile=true alone: the default mode
 
 
 def test_corrupted_or_truncated_checkpoint_is_refused(tmp_path):

@@ -88,6 +88,7 @@ class ModelConfig:
     diffurec_T: int = 32  # DiffuRec's default steps
     diffurec_schedule: str = "trunc_lin"  # DiffuRec's truncated-linear betas | cosine
     compile: bool = False  # torch.compile the model
+    cuda_graphs: bool = False  # CUDA: train step and scoring replayed as CUDA graphs (torch.compile "reduce-overhead")
 
 
 @dataclass
@@ -174,7 +175,8 @@ class Config:
 # Fields added after run folders existed: part of the hash only when set away from this default.
 ADDED_FIELDS: dict[str, dict[str, Any]] = {
     "data": {"deep_noise": 0.0, "deep_keep": 1.0, "row_len": None},
-    "model": {"train_mode": "chain", "train_steps": None, "random_t_eval_from": None, "predictor_residual": True},
+    "model": {"train_mode": "chain", "train_steps": None, "random_t_eval_from": None, "predictor_residual": True,
+              "cuda_graphs": False},
 }
 
 # Fields that no longer exist, and what took their place (named when an old config or override uses them).

@@ -363,7 +363,8 @@ def sampled_negatives(seq: SequenceData, split: str, n: int, cache_dir: Path) ->
 def split_ranks(model: Recommender, split: dict[str, torch.Tensor], device: torch.device, *,
                 batch_size: int = 512, negatives: torch.Tensor | None = None,
                 seen: tuple[torch.Tensor, torch.Tensor] | None = None, bf16: bool = False,
-                dist: Dist | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                dist: Dist | None = None, score: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """1-based rank of each row's target: among all items ``(n,)``, and among the target + its fixed
     ``negatives`` ``(n,)`` (None without negatives). Pessimistic ties (:func:`m3bsr.metrics.ranks`).
 
@@ -373,6 +374,9 @@ def split_ranks(model: Recommender, split: dict[str, torch.Tensor], device: torc
     Rows are scored in batches of ``batch_size``. With ``dist`` (torchrun), batch ``c`` is scored
     by rank ``c % world`` and the per-row ranks are all-reduced: every rank gets the ranks of a
     single-process evaluation, bit for bit (the same batches, so the same scores).
+
+    ``score``: what scores a batch (default ``model.score``); the trainer passes a compiled one
+    under ``cuda_graphs``, whose output buffer the next batch's replay reuses (so it is copied here).
     """
     if batch_size < 1:
         raise ConfigError(f"eval_batch_size must be a positive integer, got {batch_size}")
@@ -387,7 +391,7 @@ def split_ranks(model: Recommender, split: dict[str, torch.Tensor], device: torc
         stop = min(start + batch_size, n)
         b = {k: v[start:stop].to(device) for k, v in split.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            s = model.score(b).float()  # (B, N+1)
+            s = model.score(b).float() if score is None else score(b).float().clone()  # (B, N+1)
         target = b["targets"][:, 0]
         if seen is not None:  # every item seen strictly before the target is removed, never the target
             ptr, items = seen
@@ -482,10 +486,17 @@ class Trainer:
         self.model = build_model(cfg.model, self.info).to(self.device)
         self.gen = torch.Generator().manual_seed(cfg.train.seed)  # the data order: the same on every rank
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay) if params else None
+        self.graphs = cfg.model.cuda_graphs and self.device.type == "cuda"  # see _compiled
+        if cfg.model.cuda_graphs and not self.graphs:
+            log.warning("cuda_graphs: %s is not a CUDA device; training and evaluation run without CUDA graphs%s",
+                        self.device, " (torch.compile's default mode: compile=true)" if cfg.model.compile else "")
+        self.opt = (torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                     **({"fused": True} if self.graphs else {}))  # one kernel per step, not per tensor
+                    if params else None)
         if self.dist.enabled:  # per-rank training noise (dropout, diffusion steps)
             _seed_noise(np.random.SeedSequence([cfg.train.seed, self.dist.rank]).generate_state(2))
         self.loss_fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None  # see _wrap
+        self.score_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None  # under cuda_graphs
         self.steps_per_epoch = -(-len(self.seq.train["users"]) // cfg.train.batch_size)  # global batches in a pass
         # Where training stands: optimiser steps taken, passes over the training rows done, global batches
         # done of the pass in progress, and the data order's generator state from before that pass drew its order.
@@ -576,16 +587,28 @@ class Trainer:
                     _Loss(self.model), device_ids=[self.device] if self.device.type == "cuda" else None,
                     find_unused_parameters=True,  # ablations may leave parameters out of the loss
                     **{"forward_sync_buffers" if newer else "broadcast_buffers": False})
-            self.loss_fn = torch.compile(loss) if self.cfg.model.compile else loss
+            self.loss_fn = self._compiled(loss)
         return self.loss_fn
+
+    def _compiled(self, fn: Callable) -> Callable:
+        """``fn`` as it runs: under ``cuda_graphs`` on CUDA, ``torch.compile(mode="reduce-overhead",
+        dynamic=False)``, which records one CUDA graph per input shape (a pass has two: full batches
+        and the last one) and replays it, one launch instead of hundreds of small kernels; under
+        ``compile``, torch.compile's default mode; else ``fn`` itself (eager)."""
+        if self.graphs:
+            return torch.compile(fn, mode="reduce-overhead", dynamic=False)
+        return torch.compile(fn) if self.cfg.model.compile else fn
 
     def _eval_args(self, split: str) -> tuple:
         if split not in self.splits:
             raise ConfigError(f"this trainer evaluates {', '.join(self.splits)} only (made with test=False), not {split!r}")
         t = self.cfg.train
+        if self.graphs and self.score_fn is None:
+            self.score_fn = torch.compile(self.model.score, mode="reduce-overhead", dynamic=False)
         return (self.model, self.seq.split(split), self.device), dict(
             batch_size=t.eval_batch_size, negatives=self.negatives.get(split),
-            seen=self.seq.seen_before[split] if t.mask_seen else None, bf16=t.bf16, dist=self.dist)
+            seen=self.seq.seen_before[split] if t.mask_seen else None, bf16=t.bf16, dist=self.dist,
+            score=self.score_fn)
 
     def ranks(self, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The current model's per-row target ranks on ``split`` (full, sampled): see :func:`split_ranks`."""
@@ -630,6 +653,8 @@ class Trainer:
         for _ in range(n):
             idx, weight = self._next_batch()
             b = {k: v[idx].to(dev, non_blocking=True) for k, v in rows.items()}
+            if self.graphs:  # the last step's outputs (its loss terms) may be overwritten from here on
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.bf16):
                 terms = loss_fn(b)
             loss = terms["loss"] if world == 1 else terms["loss"] * weight
