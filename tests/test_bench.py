@@ -293,3 +293,42 @@ def test_sweep_ratios_are_against_the_first_setting_of_their_own_sweep(tmp_path,
     rows = _rows(r)
     assert [rows[k].ratio for k in ("step_time_L=4", "step_time_L=8", "step_time_items=10", "step_time_items=20")] == [1, 2, 1, 2]
     assert rows["step_time_items=20"].value == 6000.0  # ms
+
+
+def test_sweeps_time_rows_shaped_as_the_trainers(tmp_path, monkeypatch, no_release):
+    """The sweeps' batches hold 2 L events per level (the default row_len) and the model reads a window of L."""
+    from m3bsr import bench
+    seen = []
+    monkeypatch.setattr(bench, "median_times", lambda fns, *a: {"step": 1.0})
+    real_step = bench._Run.step
+    monkeypatch.setattr(bench._Run, "step", lambda self, model, batch, compiled=False: seen.append(
+        (model.info.window, batch["items"].shape[-1] - 1)) or real_step(self, model, batch, compiled))
+    r = _run(tmp_path, lengths=(4, 8), catalogues=(("a", 10),), feature_dims={"image": 4},
+             sweep_overrides=dict(d=8, layers=1, heads=2, T=2))
+    bench._sweeps(r, ModelConfig(model="m3bsr", d=16, layers=1, heads=2, T=2), 4)
+    assert seen == [(4, 8), (8, 16), (4, 8)]
+
+
+def test_small_scaling_writes_the_sweeps_and_the_projected_run(tmp_path, capsys):
+    from m3bsr.config import make_config
+    assert main(["bench", "--scaling", "--size", "small", "--device", "cpu", "--repeats", "1", "--steps", "1",
+                 "--out", str(tmp_path)]) == 0
+    rows = {r["measurement"]: r for r in csv.DictReader(l for l in (tmp_path / "bench-scaling-small-cpu.csv").open()
+                                                         if not l.startswith("#"))}
+    assert [k for k in rows if k.startswith("step_time_L=")] == [f"step_time_L={L}" for L in (20, 50, 100, 200)]
+    assert {"paper_step_time", "paper_validation_time", "paper_peak_memory"} <= set(rows)
+    modes = [k for k in rows if k.startswith("step_time_mode=")]
+    assert modes == [f"step_time_mode={m}" for m in ("chain", "strided", "random_t", "no_chains")]
+    assert float(rows["step_time_mode=chain"]["ratio"]) == 1
+    step, valid = float(rows["paper_step_time"]["value"]), float(rows["paper_validation_time"]["value"])
+    t = make_config("ci").train  # the small size's run: the ci profile
+    for name, n in (("min", t.min_steps), ("max", t.max_steps)):
+        expected = (n * step + n // t.eval_steps * valid) / 3600
+        assert float(rows[f"paper_run_hours_{name}_steps"]["value"]) == pytest.approx(expected, rel=1e-3)
+    assert float(rows["paper_peak_memory"]["value"]) > 0
+
+
+def test_scaling_and_time_to_quality_are_separate_runs(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--scaling", "--time-to-quality"])
+    assert "not both" in capsys.readouterr().err

@@ -945,20 +945,22 @@ def _evaluation(r: _Run, cfg: Config, ds, run: str | Path | None) -> None:
 
 
 def _sweeps(r: _Run, m: ModelConfig, L_items: int) -> None:
-    """M3BSR train-step time against L and against the catalogue size, random full-length batches."""
+    """M3BSR train-step time against L and against the catalogue size, random batches shaped as the
+    trainer's rows: 2 L events per level (the default ``row_len``), each target reading its last L."""
     sz, dev = r.size, r.device
     sweep = copy.deepcopy(m)
     for k, v in sz.sweep_overrides.items():
         setattr(sweep, k, v)
 
     def step_time(info: DataInfo, L: int) -> float:
+        info.window = L
         model = _build(sweep, info, dev)
-        s = r.times({"step": r.step(model, _to(random_batch(sz.sweep_batch, L, info.n_items), dev))})["step"]
+        s = r.times({"step": r.step(model, _to(random_batch(sz.sweep_batch, 2 * L, info.n_items), dev))})["step"]
         del model
         release_memory(dev)
         return s
 
-    what = f"M3BSR train step, random batch {sz.sweep_batch} x full length, d={sweep.d}, T={sweep.T}"
+    what = f"M3BSR train step, random batch {sz.sweep_batch} x 2 L events per level, window L, d={sweep.d}, T={sweep.T}"
     n0 = sz.catalogues[0][1]
     info = random_info(n0, sz.feature_dims)
     first = None
@@ -973,6 +975,98 @@ def _sweeps(r: _Run, m: ModelConfig, L_items: int) -> None:
         r.add(Row(f"step_time_items={n_items}", s * 1e3, "ms", s / first,
                   note=f"{what}, L={L_items}, {name}-sized catalogue, random features {sz.feature_dims}; "
                        f"ratio vs {n0} items"))
+
+
+def _mode_steps(r: _Run, size: str) -> None:
+    """M3BSR's train step in each ``train_mode``, and with both chains off (cdmd and cdbd false: the
+    floor of any mode that keeps the rest of the model), at the time-to-quality setting on its first
+    training batch of synthetic data, timed in turn; ratio = the chain's step / this one."""
+    from .time_to_quality import SIZES as TTQ  # noqa: PLC0415 (the time-to-quality setting)
+    profile, overrides = TTQ[size]
+    variants = {"chain": {}, "strided": {"train_mode": "strided"}, "random_t": {"train_mode": "random_t"},
+                "no_chains": {"cdmd": False, "cdbd": False}}
+    steps = {}
+    for name, flags in variants.items():
+        tr = Trainer(make_config(profile, {**overrides, "dataset": "synthetic", "model": "m3bsr",
+                                           "device": str(r.device), **flags}), test=False)
+        batch = _to({k: v[:tr.cfg.train.batch_size] for k, v in tr.seq.train.items()}, r.device)
+        steps[name] = r.step(tr.model, batch)
+    t = r.times(steps)
+    for name, s in t.items():
+        r.add(Row(f"step_time_mode={name}", s * 1e3, "ms", t["chain"] / s,
+                  note=f"M3BSR train step, {variants[name] or 'train_mode=chain'}, the time-to-quality setting "
+                       f"(profile {profile} with {overrides}); ratio = the chain's step / this one"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaling: the sweeps, and the paper profile's data size (python -m m3bsr bench --scaling)
+# ---------------------------------------------------------------------------------------------
+
+
+def run_scaling(device: str = "auto", out: str | Path | None = None, threads: int | None = None,
+                repeats: int | None = None, steps: int = 3, size: str = "full",
+                log: Callable[[str], None] = print) -> list[Row]:
+    """The sweeps of :func:`run_bench` (step time against L and the catalogue size, the default
+    profile's model), M3BSR's step in each training mode (:func:`_mode_steps`), then ``steps`` train steps of M3BSR at the ``paper`` profile on its synthetic
+    data (5,000 users, 50,000 items; ``small``: the ci profile's), as the trainer runs them: time per
+    step, one validation, the process's peak memory, and the projected time of a paper-profile run
+    (``min_steps`` and ``max_steps`` steps, a validation every ``eval_steps``). Writes
+    ``<out>/bench-scaling-<size>-<device>.{csv,md}``."""
+    if steps < 1:
+        raise ConfigError(f"bench --scaling: --steps must be at least 1, got {steps}")
+    sz, dev = SIZES[size], resolve_device(device)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    r = _Run(sz, dev, repeats if repeats is not None else sz.repeats, False, False, 0, log,
+             Path(out) if out is not None else repo_root() / "results" / "bench")
+    r.header.update({"device": _device_name(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "size": f"scaling-{size}", "repeats": f"median of {r.repeats} after {sz.warmup} warm-up"})
+    m = make_config(sz.profile).model
+    _sweeps(r, m, make_config(sz.profile).data.max_len if size == "full" else sz.lengths[0])
+    release_memory(dev)
+    _mode_steps(r, size)
+    release_memory(dev)
+
+    profile = "paper" if size == "full" else "ci"
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    else:
+        with contextlib.suppress(OSError):  # reset VmHWM to the current RSS: the peak of what follows
+            Path("/proc/self/clear_refs").write_text("5")
+    cfg = make_config(profile, {"dataset": "synthetic", "model": "m3bsr", "device": str(dev), "progress": False,
+                                "sampled_negatives": 0})
+    t0 = time.perf_counter()
+    tr = Trainer(cfg, test=False)
+    setup = time.perf_counter() - t0
+    t = cfg.train
+    what = (f"M3BSR, {profile} profile on its synthetic data ({cfg.data.syn_users} users, {cfg.data.syn_items} "
+            f"items, {len(tr.seq.train['users'])} training rows of up to {tr.seq.train['items'].shape[-1] - 1} "
+            f"events per level), batch {t.batch_size}, d={cfg.model.d}, L={cfg.data.max_len}, T={cfg.model.T}")
+    log(f"scaling: {what}; data and model built in {setup:.0f} s")
+    tr.train_steps(1)  # warm-up
+    _sync(dev)
+    t0 = time.perf_counter()
+    tr.train_steps(steps)
+    _sync(dev)
+    step = (time.perf_counter() - t0) / steps
+    r.add(Row("paper_step_time", step, "s", note=f"{what}; mean of {steps} steps after one"))
+    t0 = time.perf_counter()
+    tr.evaluate("valid")
+    _sync(dev)
+    valid = time.perf_counter() - t0
+    r.add(Row("paper_validation_time", valid, "s", note=f"full ranking of {tr.seq.n_eval_users} validation users"))
+    peak = (torch.cuda.max_memory_allocated(dev) / 2 ** 20 if dev.type == "cuda"
+            else _rss_kib("VmHWM") / 1024)
+    r.add(Row("paper_peak_memory", peak, "MiB", note="CUDA: max_memory_allocated; CPU: the process's peak RSS "
+                                                     "(VmHWM, reset after the sweeps: data, model, Adam, steps, "
+                                                     "validation)"))
+    for name, n in (("min", t.min_steps), ("max", t.max_steps)):
+        hours = (n * step + (n // t.eval_steps) * valid) / 3600
+        r.add(Row(f"paper_run_hours_{name}_steps", hours, "h",
+                  note=f"projected: {n} steps ({name}_steps) x step time + a validation every {t.eval_steps} steps"))
+    paths = r.save()
+    log(f"wrote {paths[0]} and {paths[1]} ({r.header['seconds']} s)")
+    return r.rows
 
 
 def write_results(rows: list[Row], header: dict[str, Any], out: Path, stem: str) -> tuple[Path, Path]:

@@ -4,6 +4,8 @@
     python -m m3bsr train --data-file my.csv --deep buy --model sasrec --profile ci --out runs/y
     python -m m3bsr evaluate --run runs/x [--set inference_steps=5]
     python -m m3bsr bench --size full --device cpu --out results/bench   # performance ratios (bench.py)
+    python -m m3bsr bench --time-to-quality --datasets synthetic --seeds 0,1,2   # training modes (time_to_quality.py)
+    python -m m3bsr bench --scaling --device cpu --threads 1   # step time against L, items; the paper's data size
     python -m m3bsr config --profile ci [--set T=5]   # every config field: value, type, allowed values
     python -m m3bsr check-data [--data-root DIR]      # the datasets' layout and SHA-256 checksums
     python -m m3bsr tune --dataset ml-100k-mm --model sasrec [--trials N] [--timeout S]   # docs/tuning.md
@@ -66,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, help="rows of the training batch (default: the size's, full: 256)")
     b.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     b.add_argument("--compile", action="store_true", help="also time torch.compile'd train steps (minutes to compile)")
+    b.add_argument("--time-to-quality", action="store_true", help="instead: train M3BSR in each training mode and "
+                   "time how long each takes to reach the paper's chain's validation NDCG@10 (time_to_quality.py)")
+    b.add_argument("--scaling", action="store_true", help="instead: step time against L and the catalogue size, "
+                   "and --steps train steps at the paper profile's data size with a projected run time")
+    b.add_argument("--steps", type=int, default=3, help="--scaling: timed train steps at the paper profile")
+    b.add_argument("--datasets", default="synthetic", help="--time-to-quality: comma-separated datasets")
+    b.add_argument("--seeds", default="0,1,2", help="--time-to-quality: comma-separated seeds")
+    b.add_argument("--jobs", type=int, help="--time-to-quality: runs side by side (default: one per core)")
 
     c = sub.add_parser("config", help="print every config field of a profile: value, type, allowed values, meaning")
     c.add_argument("--profile", default="default", choices=sorted(PROFILES))
@@ -195,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         if (a.run is None) == (a.run_folder is None):
             p.error("evaluate: give the run folder once, as RUN or --run RUN")
         a.run = a.run or a.run_folder
+    if a.command == "bench" and a.scaling and a.time_to_quality:
+        p.error("bench: give --scaling or --time-to-quality, not both")
     from .train import CheckpointError, Trainer, close_distributed, evaluate_run  # noqa: PLC0415 (torch loads here)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints results
     try:
@@ -208,6 +220,17 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate_run(a.run, a.device, _overrides(a.set))
             if main_rank:
                 print(json.dumps(result, indent=2))
+        elif a.command == "bench" and a.time_to_quality:
+            from .time_to_quality import run_time_to_quality  # noqa: PLC0415
+            try:
+                seeds = [int(s) for s in a.seeds.split(",")]
+            except ValueError:
+                p.error(f"--seeds expects comma-separated integers, got {a.seeds!r}")
+            run_time_to_quality(a.datasets.split(","), seeds, size=a.size, out=a.out, jobs=a.jobs,
+                                device=a.device, threads=a.threads)
+        elif a.command == "bench" and a.scaling:
+            from .bench import run_scaling  # noqa: PLC0415
+            run_scaling(a.device, a.out, threads=a.threads, repeats=a.repeats, steps=a.steps, size=a.size)
         elif a.command == "bench":
             from .bench import run_bench  # noqa: PLC0415
             run_bench(a.size, a.device, a.out, run=a.run, threads=a.threads, repeats=a.repeats, epochs=a.epochs,
