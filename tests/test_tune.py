@@ -207,3 +207,27 @@ def test_two_processes_share_one_study(tmp_path):
     trials = optuna.load_study(study_name=NAME, storage=p["storage"]).trials
     assert [t.state.name for t in trials].count("COMPLETE") in (3, 4) and len(trials) in (3, 4)
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == len(trials)  # no point drawn twice
+
+
+def test_cost_measures_each_model_and_prices_the_study(tmp_path):
+    small = {"syn_users": 60, "syn_items": 120, "syn_events": 30}
+    costs = tune.step_costs("ci", small, datasets=("synthetic",), models=["sasrec", "m3bsr"], steps=1,
+                            log=lambda _: None)
+    assert list(costs["model"]) == ["sasrec", "m3bsr"] and (costs[["step", "validation"]] > 0).all().all()
+    eval_steps = make_config("ci").train.eval_steps
+    assert costs["per_step"].tolist() == pytest.approx((costs["step"] + costs["validation"] / eval_steps).tolist())
+    hours = tune.study_cost(costs, "ci", small)
+    total, t = costs["per_step"].sum(), make_config("ci").train
+    assert hours["tuning"] == pytest.approx(tune.TRIALS["ci"] * t.max_steps * total / 3600)  # ci: no trial budget
+    assert hours["tables_min"] == pytest.approx(5 * t.min_steps * total / 3600)
+    assert hours["tables_early"] == pytest.approx(5 * (t.min_steps + t.patience_steps) * total / 3600)
+    assert hours["study_max"] == pytest.approx(hours["tuning"] + 5 * t.max_steps * total / 3600)
+    md = tune.write_cost(costs, hours, "ci", small, tmp_path).read_text()
+    assert "| sasrec |" in md and "| sum |" in md and "study_max" in md
+
+
+def test_cost_from_the_command_line(tmp_path, capsys):
+    assert cli.main(["tune", "--cost", "--profile", "ci", "--dataset", "synthetic", "--model", "sasrec", "--steps", "1",
+                 "--set", "syn_users=60", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "tables_min" in out and len(list(tmp_path.glob("cost-ci-*.md"))) == 1

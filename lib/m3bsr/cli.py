@@ -10,6 +10,7 @@
     python -m m3bsr check-data [--data-root DIR]      # the datasets' layout and SHA-256 checksums
     python -m m3bsr tune --dataset ml-100k-mm --model sasrec [--trials N] [--timeout S]   # docs/tuning.md
     python -m m3bsr tune --export                     # results/tuning/best.json: each study's best trial
+    python -m m3bsr tune --cost [--set d=32]          # each model's step, the study's CPU-hours (docs/tuning.md)
     torchrun --nproc_per_node=2 -m m3bsr train ...   # data-parallel (gloo on CPU, nccl on CUDA)
 """
 from __future__ import annotations
@@ -99,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     u.add_argument("--export", action="store_true",
                    help="write results/tuning/best.json: each study's best trial as overrides of its profile")
+    u.add_argument("--cost", action="store_true", help="instead: measure each model's step on each dataset (or "
+                   "the --dataset, --model given) and write the study's CPU-hours to results/tuning/cost-*.md")
+    u.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="--cost: price the profile with this override, e.g. --set d=32")
+    u.add_argument("--steps", type=int, default=3, help="--cost: timed steps per model and dataset")
     return p
 
 
@@ -235,6 +241,14 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import run_bench  # noqa: PLC0415
             run_bench(a.size, a.device, a.out, run=a.run, threads=a.threads, repeats=a.repeats, epochs=a.epochs,
                       batch_size=a.batch, bf16=a.bf16, compile=a.compile)
+        elif a.command == "tune" and a.cost:
+            from . import tune  # noqa: PLC0415
+            over = _overrides(a.set)
+            costs = tune.step_costs(a.profile, over, (a.dataset,) if a.dataset else tune.COST_DATASETS,
+                                    [a.model] if a.model else None, a.steps)
+            hours = tune.study_cost(costs, a.profile, over)
+            print(f"wrote {tune.write_cost(costs, hours, a.profile, over, a.results or tune.RESULTS)}")
+            print(json.dumps({k: round(v, 2) for k, v in hours.items()}, indent=2))
         elif a.command == "tune":
             from . import tune  # noqa: PLC0415 (optuna loads here)
             if (a.dataset is None) != (a.model is None) or (a.dataset is None and not a.export):

@@ -27,8 +27,9 @@ speedup             the chain's ``s_to_own_best`` / this run's ``s_to_within_sd`
 
 The setting (:data:`SIZES`): the default profile's data and T = 15 with d = 32, one layer, L = 20
 and batch 64, validated every 10 steps. At the default profile's d = 64, L = 50 and batch 256 one
-chain step takes about 30 s on one core of the 2-core CPU, so that a chain run to its best
-validation would take hours; docs/benchmark.md gives the per-step times at both settings.
+chain step costs 13 to 33 CPU-seconds on the 2-core CPU (docs/tuning.md), so that a chain run to its
+best validation would take hours; the bench's ``step_time_mode=*`` rows time each mode's step at
+this setting (``bench --scaling``).
 
 Writes ``<out>/time-to-quality-<dataset>.{csv,md}`` and, per run, its ``config.json``,
 ``history.csv`` and ``metrics.json`` under ``<out>/time-to-quality/<run folder>/`` (the table can be
@@ -39,7 +40,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -48,7 +48,7 @@ import torch
 
 from .config import Config, ConfigError, make_config, repo_root
 from .experiments import default_jobs, train_runs
-from .files import atomic_write_text
+from .files import atomic_write_bytes, atomic_write_text
 from .train import SELECT_METRIC, resolve_device, run_dir
 
 MODES = ("chain", "strided", "random_t")
@@ -172,7 +172,7 @@ def run_time_to_quality(datasets: Iterable[str], seeds: Iterable[int], modes: It
         dst = out / "time-to-quality" / src.name
         dst.mkdir(parents=True, exist_ok=True)
         for name in ("config.json", "history.csv", "metrics.json"):
-            shutil.copyfile(src / name, dst / name)
+            atomic_write_bytes(dst / name, (src / name).read_bytes())
         kept.append(dst)
     t = table_from_folders(kept)
     profile, overrides = SIZES[size]

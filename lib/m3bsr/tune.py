@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .config import ConfigError, make_config, repo_root
-from .search_spaces import TRIAL_BUDGET, TRIALS, space
+from .search_spaces import MODEL_SPACES, TRIAL_BUDGET, TRIALS, space
 
 if TYPE_CHECKING:
     import optuna
@@ -273,3 +273,91 @@ def best_overrides(dataset: str, model: str, profile: str = "default", path: str
         raise ValueError(f"{path}: study {name} holds {entry['finished_trials']} of its {entry['trials']} trials "
                          "(run tune again to finish it, or pass partial=True)")
     return dict(entry["overrides"])
+
+
+# ---------------------------------------------------------------------------------------------
+# What the study costs: python -m m3bsr tune --cost [--profile P] [--set KEY=VALUE ...]
+# ---------------------------------------------------------------------------------------------
+
+COST_DATASETS = ("synthetic", "ml-100k-mm", "ml-latest-small-mm")  # the datasets of the main table
+TABLE_SEEDS = 5  # the five-seed tables
+
+
+def step_costs(profile: str = "default", overrides: dict[str, Any] | None = None,
+               datasets: tuple[str, ...] = COST_DATASETS, models: list[str] | None = None, steps: int = 3,
+               log: Callable[[str], None] = print) -> "pd.DataFrame":
+    """CPU-seconds (process time, one torch thread) of one training step of every model with something
+    to tune, on each dataset, at ``profile`` with ``overrides``: the mean of ``steps`` steps after one
+    warm-up step (``step``), one full-ranking validation (``validation``), and ``per_step`` = step +
+    validation / ``eval_steps`` (a validation every ``eval_steps`` steps)."""
+    import pandas as pd  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+    from .train import Trainer  # noqa: PLC0415
+
+    if steps < 1:
+        raise ConfigError(f"tune --cost: steps must be at least 1, got {steps}")
+    models = models if models is not None else [m for m in MODEL_SPACES if space(m)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for dataset in datasets:
+            data = None
+            for model in models:
+                cfg = make_config(profile, {**(overrides or {}), "dataset": dataset, "model": model, "progress": False})
+                tr = Trainer(cfg, dataset=data, test=False)
+                data = tr.ds  # loaded once per dataset
+                tr.train_steps(1)
+                t0 = time.process_time()
+                tr.train_steps(steps)
+                step = (time.process_time() - t0) / steps
+                t0 = time.process_time()
+                tr.evaluate("valid")
+                valid = time.process_time() - t0
+                rows.append({"dataset": dataset, "model": model, "step": step, "validation": valid,
+                             "per_step": step + valid / cfg.train.eval_steps})
+                log(f"{dataset:>20} {model:>10}: {step:.3f} CPU-s a step, {valid:.2f} a validation")
+    finally:
+        torch.set_num_threads(threads)
+    return pd.DataFrame(rows, columns=["dataset", "model", "step", "validation", "per_step"])
+
+
+def study_cost(costs: "pd.DataFrame", profile: str = "default", overrides: dict[str, Any] | None = None,
+               seeds: int = TABLE_SEEDS) -> dict[str, float]:
+    """CPU-hours of the study from :func:`step_costs`: ``tuning`` (:data:`TRIALS` trials per (model,
+    dataset), each at its trial budget's ``max_steps`` at the measured step: no pruning, the profile's
+    own values), and the ``seeds`` final runs per (model, dataset): ``tables_min`` at ``min_steps``
+    steps each, ``tables_early`` at ``min_steps + patience_steps`` (every run's best by ``min_steps``),
+    ``tables_max`` at the budget, ``max_steps``; ``study_min`` and ``study_max`` add the tuning."""
+    t = make_config(profile, overrides).train
+    trial = make_config(profile, {**(overrides or {}), **trial_budget(profile)}).train.max_steps
+    total = float(costs["per_step"].sum())  # one step of every model on every dataset
+    hours = {"tuning": TRIALS.get(profile, 0) * trial * total / 3600,
+             "tables_min": seeds * t.min_steps * total / 3600,
+             "tables_early": seeds * (t.min_steps + t.patience_steps) * total / 3600,
+             "tables_max": seeds * t.max_steps * total / 3600}
+    hours["study_min"], hours["study_max"] = hours["tuning"] + hours["tables_min"], hours["tuning"] + hours["tables_max"]
+    return hours
+
+
+def write_cost(costs: "pd.DataFrame", hours: dict[str, float], profile: str, overrides: dict[str, Any] | None,
+               results: str | Path = RESULTS) -> Path:
+    """``<results>/cost-<profile>[-<hash of the overrides>].{csv,md}``; returns the markdown's path."""
+    import hashlib  # noqa: PLC0415
+    from .files import atomic_write_text  # noqa: PLC0415
+    label = profile + (f"-{hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]}"
+                       if overrides else "")
+    out = Path(results)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"cost-{label}.csv", costs.to_csv(index=False, float_format="%.4g"))
+    wide = costs.pivot(index="model", columns="dataset", values="per_step")[list(dict.fromkeys(costs["dataset"]))]
+    wide.loc["sum"] = wide.sum()
+    lines = [f"# What the study costs: profile {profile}" + (f" with {overrides}" if overrides else ""), "",
+             "CPU-seconds of one training step (process time, one thread) plus its share of a validation:", "",
+             "| model | " + " | ".join(wide.columns) + " |", "|---|" + "---:|" * len(wide.columns)]
+    lines += [f"| {m} | " + " | ".join(f"{v:.3f}" for v in r) + " |" for m, r in wide.iterrows()]
+    lines += ["", "CPU-hours (`m3bsr.tune.study_cost`):", ""]
+    lines += [f"- {k}: {v:.1f}" for k, v in hours.items()]
+    path = out / f"cost-{label}.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
