@@ -261,18 +261,20 @@ def _check_type(value: Any, ftype: str, key: str) -> Any:
 
 
 # Profiles: ci = seconds to minutes on 2 CPU cores; default = the CPU study of docs/results.md; paper = GPU scale.
-# Training budgets, in optimiser steps. ci: a smoke run, 16 steps validated every 4 (it ran 4 epochs of 3
-# steps before). default: validated every 25 steps, at least 500 steps and 500 steps of patience, a budget
-# of 5000. Counted in epochs (3 to 7 steps each on its datasets) the old patience of 10 validations stopped
-# runs after 30 to 70 steps without a new best; the runs of results/04_runs.csv peaked by step 570 at the
-# latest (bert4rec, ml-100k-mm). paper (a GPU, larger data): validated every 100 steps, at least 2000 steps,
+# Training budgets, in optimiser steps. ci: a smoke run, 16 steps validated every 4. default: the size at
+# which the whole study (every model tuned, then five seeds per table) fits about 10 CPU-hours on 2 cores
+# (docs/tuning.md; `tune --cost` priced it): width 32, one layer, windows of L = 20 events, batch 64,
+# validated every 10 steps, at least 150 steps and 150 steps of patience, a budget of 800 (M3BSR's runs
+# of `bench --time-to-quality` at this size reached their best within 140 to 790 steps). At the paper's
+# L = 50, d = 64, two layers and batch 256 one M3BSR step costs 13 to 33 CPU-seconds, and the study
+# 150 to 780 CPU-hours. paper (a GPU, larger data): validated every 100 steps, at least 2000 steps,
 # patience 1000, a budget of 20000.
 PROFILES: dict[str, dict[str, Any]] = {
     "ci": dict(syn_users=150, syn_items=200, syn_events=40, max_len=20, d=32, layers=1, heads=2, T=5,
                batch_size=64, eval_steps=4, patience_steps=8, min_steps=8, max_steps=16, diffurec_T=8,
                sampled_negatives=99),
-    "default": dict(syn_users=600, syn_items=800, syn_events=60, max_len=50, d=64, layers=2, heads=2,
-                    T=15, batch_size=256, eval_steps=25, patience_steps=500, min_steps=500, max_steps=5000,
+    "default": dict(syn_users=600, syn_items=800, syn_events=60, max_len=20, d=32, layers=1, heads=2,
+                    T=15, batch_size=64, eval_steps=10, patience_steps=150, min_steps=150, max_steps=800,
                     diffurec_T=32),
     "paper": dict(syn_users=5000, syn_items=50000, syn_events=100, max_len=50, d=64, layers=2, heads=2,
                   T=15, batch_size=256, eval_steps=100, patience_steps=1000, min_steps=2000, max_steps=20000,
