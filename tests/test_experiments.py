@@ -70,8 +70,8 @@ def test_paired_test_pairs_every_test_user_once_and_reproduces_the_saved_means(g
     out = experiments.paired_test("synthetic", "sasrec", "pop", [0, 1], "ci", runs, OVER)
     test = res[res["split"] == "test"].groupby("model")["NDCG@10"].mean()
     assert out["pairs"] == 150 and out["seeds"] == 2  # every evaluable user of the ci synthetic data, once
-    for m in ("sasrec", "pop"):  # the mean of the per-user values is the table's mean over seeds
-        assert out[f"{m} NDCG@10"] == pytest.approx(test[m], abs=1e-12)
+    for side, m in (("a", "sasrec"), ("b", "pop")):  # the mean of the per-user values is the table's mean over seeds
+        assert out[f"{side} NDCG@10"] == pytest.approx(test[m], abs=1e-12)
     assert out["mean difference"] == pytest.approx(test["sasrec"] - test["pop"], abs=1e-12)
     assert 0 <= out["Wilcoxon p"] <= 1 and 0 <= out["paired t p"] <= 1
     same = experiments.paired_test("synthetic", "pop", "pop", [0], "ci", runs, OVER)
@@ -82,6 +82,16 @@ def test_paired_test_pairs_every_test_user_once_and_reproduces_the_saved_means(g
     assert once["Wilcoxon p"] < 1 and thrice["pairs"] == once["pairs"] == 150
     for key in ("Wilcoxon p", "paired t p", "mean difference"):
         assert thrice[key] == pytest.approx(once[key], rel=1e-9)
+
+
+def test_paired_test_compares_a_variant_of_one_model_by_its_flags(grid):
+    """An ablation is a model against itself with a flag: b's side trains and reads its own run."""
+    runs, _ = grid
+    variant = {**OVER, "dropout": 0.4}
+    alone = experiments.run_grid(["synthetic"], ["sasrec"], [0], "ci", runs, variant, log=lambda *_: None)
+    out = experiments.paired_test("synthetic", "sasrec", "sasrec", [0], "ci", runs, OVER, flags_b={"dropout": 0.4})
+    assert out["b NDCG@10"] == pytest.approx(alone.set_index("split").at["test", "NDCG@10"], abs=1e-12)
+    assert out["a NDCG@10"] != out["b NDCG@10"]
 
 
 def test_trained_reloads_the_best_checkpoint_and_can_change_inference_fields(grid):
@@ -209,6 +219,17 @@ def test_paired_test_formulas_on_known_ranks(monkeypatch):
     assert out["Wilcoxon p"] == pytest.approx(stats.wilcoxon(d[d != 0]).pvalue, rel=1e-9)  # zeros dropped
     at5 = experiments.paired_test("d", "a", "b", [0], "ci", "runs", k=5)
     assert at5["a NDCG@5"] == pytest.approx(ndcg_per_row(rank["a"], 5).mean().item())  # rank 7 and 9: 0 at k=5
+
+
+def test_holm_adjusts_step_down_in_the_input_order():
+    """Catches Bonferroni (every p times m), a sequence left non-monotone, no cap at 1 and values
+    returned in sorted instead of input order: three p-values against Holm's definition by hand."""
+    import numpy as np
+    # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, 2 x 0.03, max(0.06, 1 x 0.04) = 0.03, 0.06, 0.06
+    assert np.allclose(experiments.holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+    assert np.allclose(experiments.holm([0.6, 0.02]), [0.6, 0.04])
+    assert np.allclose(experiments.holm([0.9, 0.8]), [1.0, 1.0])  # 2 x 0.8 capped at 1; 0.9 raised to it
+    assert experiments.holm([0.05]).tolist() == [0.05]
 
 
 def _finished_run(cfg, runs, seconds):

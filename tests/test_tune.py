@@ -11,7 +11,7 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from m3bsr import cli, tune  # noqa: E402
+from m3bsr import cli, experiments, tune  # noqa: E402
 from m3bsr.config import ConfigError, make_config  # noqa: E402
 from m3bsr.data.sequences import SequenceData  # noqa: E402
 from m3bsr.train import Trainer  # noqa: E402
@@ -85,6 +85,11 @@ def test_export_writes_best_overrides_that_make_config_accepts(two_trials):
     cfg = make_config("ci", {**over, "model": "sasrec"})
     assert cfg.train.lr == over["lr"] and cfg.model.layers == over["layers"]
     assert tune.best_overrides("synthetic", "pop", "ci", best_json) == {}  # nothing to tune
+    chosen = tune.tuned("ci", best_json)  # what the final runs train with: the study's choice, under an ablation's flag
+    cfg = experiments.config_for("ci", "synthetic", "sasrec", 3, {"layers": 3}, tuned=chosen)
+    assert (cfg.train.lr, cfg.model.layers, cfg.train.seed) == (over["lr"], 3, 3)
+    pop = {"dataset": "synthetic", "model": "pop", "seed": 0}  # nothing tuned: the profile's config
+    assert experiments.config_for("ci", **pop, tuned=chosen).to_dict() == make_config("ci", pop).to_dict()
     with pytest.raises(KeyError, match="no study synthetic/bert4rec/ci"):
         tune.best_overrides("synthetic", "bert4rec", "ci", best_json)
     with pytest.raises(ValueError, match="holds 2 of its 3 trials"):  # an unfinished study is not a choice

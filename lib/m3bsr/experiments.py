@@ -13,7 +13,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -27,11 +27,21 @@ from .train import (CheckpointError, Trainer, load_data, load_trained, progress_
 
 TABLE_METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
 
+Tuned = Callable[[str, str], dict[str, Any]]  # (dataset, model) -> its chosen overrides, e.g. m3bsr.tune.tuned()
+
+
+def config_for(profile: str, dataset: str, model: str, seed: int, overrides: dict[str, Any] | None = None,
+               tuned: Tuned | None = None) -> Config:
+    """The config of one run: ``profile``, then the (dataset, model)'s tuned values (``tuned``), then
+    ``overrides`` (so that an ablation's flag wins over a tuned value), then dataset, model and seed."""
+    chosen = tuned(dataset, model) if tuned is not None else {}
+    return make_config(profile, {**chosen, **(overrides or {}), "dataset": dataset, "model": model, "seed": seed})
+
 
 def grid_configs(datasets: Iterable[str], models: Iterable[str], seeds: Iterable[int], profile: str,
-                 overrides: dict[str, Any] | None = None) -> list[Config]:
-    """One config per (dataset, model, seed), in that nesting order."""
-    return [make_config(profile, {**(overrides or {}), "dataset": dataset, "model": model, "seed": seed})
+                 overrides: dict[str, Any] | None = None, tuned: Tuned | None = None) -> list[Config]:
+    """One config per (dataset, model, seed), in that nesting order (:func:`config_for`)."""
+    return [config_for(profile, dataset, model, seed, overrides, tuned)
             for dataset in datasets for model in models for seed in seeds]
 
 
@@ -115,12 +125,14 @@ def _train_worker(cfg: dict[str, Any], runs: str, threads: int) -> None:
 
 
 def run_grid(datasets: Iterable[str], models: Iterable[str], seeds: Iterable[int], profile: str,
-             runs: str | Path, overrides: dict[str, Any] | None = None, log=print, jobs: int | None = 1) -> pd.DataFrame:
-    """Train (or reuse) every (dataset, model, seed), ``jobs`` at a time (see :func:`train_runs`);
+             runs: str | Path, overrides: dict[str, Any] | None = None, log=print, jobs: int | None = 1,
+             tuned: Tuned | None = None) -> pd.DataFrame:
+    """Train (or reuse) every (dataset, model, seed), ``jobs`` at a time (see :func:`train_runs`),
+    each with its (dataset, model)'s ``tuned`` values under ``overrides`` (:func:`config_for`);
     one row per run and split with all metrics, the step and epoch of the best validation
     (``best_step``, ``best_epoch``), the ``steps`` and ``epochs`` trained and ``train_seconds``
     (validation excluded; NaN for untrained models such as pop)."""
-    cfgs = grid_configs(datasets, models, seeds, profile, overrides)
+    cfgs = grid_configs(datasets, models, seeds, profile, overrides, tuned)
     train_runs(cfgs, runs, jobs, log)
     rows = []
     for cfg, cost in zip(cfgs, run_costs(cfgs, runs, unique=False).itertuples()):
@@ -196,42 +208,61 @@ def best_baseline(results: pd.DataFrame, dataset: str, model: str = "m3bsr", met
 
 
 def paired_test(dataset: str, model_a: str, model_b: str, seeds: Iterable[int], profile: str, runs: str | Path,
-                overrides: dict[str, Any] | None = None, k: int = 10, sampled: bool = False) -> dict[str, Any]:
-    """Paired comparison of two models' test NDCG@k over the test users, from their saved runs.
+                overrides: dict[str, Any] | None = None, k: int = 10, sampled: bool = False,
+                tuned: Tuned | None = None, flags_a: dict[str, Any] | None = None,
+                flags_b: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Paired comparison of two runs' test NDCG@k over the test users, from their saved runs: a =
+    ``model_a`` with ``flags_a`` over ``overrides``, b likewise (e.g. ``"m3bsr"`` against itself with
+    ``flags_b={"cdmd": False}`` for an ablation); configs by :func:`config_for`.
 
     For each seed both best checkpoints rank the same test rows (one per user); a user's value is
     their NDCG@k (full ranking, or the 1+99 sampled ranking with ``sampled``) averaged over the
     seeds, so each user is one pair however many seeds there are (the seeds' values of one user
-    are not independent pairs). Returns the number of pairs (users) and seeds, the means, the mean
-    difference a - b, the Wilcoxon signed-rank p-value (two-sided, zero differences dropped) and
-    the paired t-test p-value.
+    are not independent pairs). Returns the number of pairs (users) and seeds, a's and b's means
+    (``"a NDCG@k"``, ``"b NDCG@k"``), the mean difference a - b, the Wilcoxon signed-rank p-value
+    (two-sided, zero differences dropped) and the paired t-test p-value.
     """
     from scipy import stats  # noqa: PLC0415
     seeds = list(seeds)
-    values: dict[str, list] = {model_a: [], model_b: []}
-    data: Dataset | None = None
+    sides = {"a": (model_a, {**(overrides or {}), **(flags_a or {})}),
+             "b": (model_b, {**(overrides or {}), **(flags_b or {})})}
+    values: dict[str, list] = {"a": [], "b": []}
+    data: dict[str, Dataset | None] = {"a": None, "b": None}  # each side's data, loaded once (flags may change it)
     for seed in seeds:
-        for model in (model_a, model_b):
-            trainer = trained(dataset, model, seed, profile, runs, overrides, data)
-            data = trainer.ds  # loaded once
+        for side, (model, flags) in sides.items():
+            trainer = trained(dataset, model, seed, profile, runs, flags, data[side], tuned=tuned)
+            data[side] = trainer.ds
             full, smp = trainer.ranks("test")
-            values[model].append(ndcg_per_row(smp if sampled else full, k).numpy())
-    a, b = (np.stack(values[m]).mean(0) for m in (model_a, model_b))  # (users,): mean over the seeds
+            values[side].append(ndcg_per_row(smp if sampled else full, k).numpy())
+    a, b = (np.stack(values[side]).mean(0) for side in ("a", "b"))  # (users,): mean over the seeds
     diff = a - b
     differ = bool(np.any(diff != 0))  # identical values: no evidence of a difference (the tests would give NaN)
     wilcoxon = stats.wilcoxon(a, b).pvalue if differ else 1.0
     t_test = stats.ttest_rel(a, b).pvalue if differ else 1.0
     return {"dataset": dataset, "a": model_a, "b": model_b, "pairs": len(a), "seeds": len(seeds),
-            f"{model_a} NDCG@{k}": a.mean(), f"{model_b} NDCG@{k}": b.mean(), "mean difference": diff.mean(),
+            f"a NDCG@{k}": a.mean(), f"b NDCG@{k}": b.mean(), "mean difference": diff.mean(),
             "Wilcoxon p": float(wilcoxon), "paired t p": float(t_test)}
 
 
+def holm(pvalues: Iterable[float]) -> np.ndarray:
+    """Holm's step-down adjustment of ``pvalues`` (one family of tests, e.g. one per dataset), in their
+    order: the i-th smallest of m is multiplied by m - i + 1 (i from 1), made non-decreasing in that
+    order and capped at 1. Rejecting where the adjusted p < alpha keeps the family-wise error <= alpha."""
+    p = np.asarray(list(pvalues), dtype=float)
+    order = np.argsort(p, kind="stable")
+    m = len(p)
+    adjusted = np.minimum(np.maximum.accumulate((m - np.arange(m)) * p[order]), 1.0)
+    out = np.empty(m)
+    out[order] = adjusted
+    return out
+
+
 def trained(dataset: str, model: str, seed: int, profile: str, runs: str | Path, overrides: dict[str, Any] | None = None,
-            data: Dataset | None = None, **model_fields: Any) -> Trainer:
-    """A Trainer holding the best checkpoint of a finished run, checked against its config and the
-    data, optionally with evaluation fields changed (``train.EVAL_FIELDS``, e.g. ``inference_steps=5``,
-    ``eval_mode="skip"``; any other field raises ConfigError)."""
-    cfg = make_config(profile, {**(overrides or {}), "dataset": dataset, "model": model, "seed": seed})
+            data: Dataset | None = None, tuned: Tuned | None = None, **model_fields: Any) -> Trainer:
+    """A Trainer holding the best checkpoint of a finished run (:func:`config_for`), checked against
+    its config and the data, optionally with evaluation fields changed (``train.EVAL_FIELDS``, e.g.
+    ``inference_steps=5``, ``eval_mode="skip"``; any other field raises ConfigError)."""
+    cfg = config_for(profile, dataset, model, seed, overrides, tuned)
     run = run_dir(cfg, runs)
     if not (run / "metrics.json").exists():
         raise FileNotFoundError(f"{run}: no finished run (train it first, e.g. with run_grid)")

@@ -275,6 +275,12 @@ def best_overrides(dataset: str, model: str, profile: str = "default", path: str
     return dict(entry["overrides"])
 
 
+def tuned(profile: str = "default", path: str | Path = BEST, partial: bool = False) -> Callable[[str, str], dict[str, Any]]:
+    """(dataset, model) -> that study's chosen configuration (:func:`best_overrides`), for
+    ``experiments.run_grid(..., tuned=tuned())``: the final runs train with what the search chose."""
+    return lambda dataset, model: best_overrides(dataset, model, profile, path, partial)
+
+
 # ---------------------------------------------------------------------------------------------
 # What the study costs: python -m m3bsr tune --cost [--profile P] [--set KEY=VALUE ...]
 # ---------------------------------------------------------------------------------------------

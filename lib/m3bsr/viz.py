@@ -488,17 +488,18 @@ def poster_grid(paths: Sequence[Sequence[Path | None]], titles: Sequence[Sequenc
 # ----------------------------------------------------------------------------- 03: learning curves
 
 def load_histories(dataset: str, models: Sequence[str], seeds: Sequence[int], profile: str, runs: str | Path,
-                   overrides: dict[str, Any] | None = None) -> dict[str, pd.DataFrame]:
-    """``history.csv`` of every finished trainable run of the grid for one dataset: label -> DataFrame.
+                   overrides: dict[str, Any] | None = None, tuned=None) -> dict[str, pd.DataFrame]:
+    """``history.csv`` of every finished trainable run of the grid for one dataset: label -> DataFrame
+    (the runs' configs: ``experiments.config_for``).
 
     Labels are the model name (plus ``s<seed>`` when there are several seeds).
     """
-    from .config import make_config  # noqa: PLC0415
-    from .train import run_dir  # noqa: PLC0415 (imports torch)
+    from .experiments import config_for  # noqa: PLC0415 (imports torch)
+    from .train import run_dir  # noqa: PLC0415
     out = {}
     for model in models:
         for seed in seeds:
-            cfg = make_config(profile, {**(overrides or {}), "dataset": dataset, "model": model, "seed": seed})
+            cfg = config_for(profile, dataset, model, seed, overrides, tuned)
             path = run_dir(cfg, runs) / "history.csv"
             if path.exists():
                 out[model if len(seeds) == 1 else f"{model} s{seed}"] = pd.read_csv(path)
