@@ -27,8 +27,9 @@ CI_FIGURES = {
     "02_diffusion_internals": ["02_schedules", "02_forward_noising", "02_cdmd_chain", "02_attention", "02_cdbd_clicks"],
     "03_training": ["03_live_training", "03_curves_synthetic", "03_ndcg10"],
     "04_main_results": ["04_ndcg10"],
-    "05_ablations": ["05_ablations", "05_contrastive", "05_steps", "05_robustness"],
+    "05_ablations": ["05_ablations", "05_contrastive", "05_steps"],
     "06_denoising_figures": ["06_tsne", "06_umap", "06_tsne_ml-100k-mm", "06_umap_ml-100k-mm"],
+    "07_where_denoising_matters": ["07_regimes"],
 }
 # figures drawn from a real dataset: expected only where it is under the data root (always under M3BSR_REQUIRE_DATA=1)
 FIGURE_DATASET = {"01_poster_neighbours": "ml-100k-mm", "01_timeline_ml-100k-mm": "ml-100k-mm", "06_tsne_ml-100k-mm": "ml-100k-mm",
@@ -99,7 +100,8 @@ def test_committed_notebook_outputs_are_from_the_default_profile_without_errors(
     assert all("profile = \"ci\"" not in c.source for c in injected)
 
 
-@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem[:2] in ("04", "05", "06")], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [pytest.param(p, marks=STALE) if p.stem[:2] == "07" else p  # 07: not yet executed
+                                  for p in NOTEBOOKS if p.stem[:2] in ("04", "05", "06", "07")], ids=lambda p: p.stem)
 def test_committed_studies_are_the_full_plan(path):
     """docs/results.md's tables and the notebooks' summaries describe the full plan (`make publish`)."""
     parameters = nbformat.read(path, as_version=4).metadata.get("papermill", {}).get("parameters", {})
@@ -188,18 +190,21 @@ def test_plan_follows_the_profile_unless_given():
 
 
 def test_quick_plan_runs_end_to_end_under_ci(tmp_path, project_kernel):
-    """`make reproduce` runs notebooks 04-06's quick plan, `make test` their full plan (the ci default):
+    """`make reproduce` runs notebooks 04-07's quick plan, `make test` their full plan (the ci default):
     this runs the quick one at ci scale and checks it kept what it says it keeps."""
     import pandas as pd
     import papermill
     out = {name: str(tmp_path / name.removesuffix("_dir")) for name in ("figures_dir", "results_dir", "runs_dir")}
-    for path in [p for p in NOTEBOOKS if p.stem[:2] in ("04", "05", "06")]:
+    for path in [p for p in NOTEBOOKS if p.stem[:2] in ("04", "05", "06", "07")]:
         papermill.execute_notebook(str(path), str(tmp_path / path.name), progress_bar=False, cwd=str(tmp_path),
                                    parameters={"profile": "ci", "plan": "quick", **out})
     results = tmp_path / "results"
     assert set(pd.read_csv(results / "04_main_full.csv")["dataset"]) == {"synthetic"}
     assert list(pd.read_csv(results / "05_ablations.csv")["variant"])[:3] == ["full", "w/o CDMD", "w/o CDBD"]
-    assert list(pd.read_csv(results / "05_steps.csv")["T"]) == [1, 5, 15]
+    assert list(pd.read_csv(results / "05_steps.csv")["T"]) == [1, 15]
+    regimes = pd.read_csv(results / "07_regimes.csv")
+    assert regimes.groupby("field")["value"].apply(list).to_dict() == {
+        "deep_noise": [0.0, 0.4], "syn_feature_noise": [1.0, 2.5], "syn_noise": [0.3, 0.5]}
     assert len(pd.read_csv(results / "06_genre_scores.csv")) == 0  # no MovieLens run in the quick plan
 
 

@@ -242,6 +242,17 @@ def test_projection_legend_names_every_colour(tmp_path):
     assert viz.plot_projection_pairs(xy, colour, None, {("id", "input"): ""}, "genre", "t").legends == []
 
 
+def test_regime_markers_are_filled_only_where_the_paired_test_separates_the_models():
+    """Catches every marker filled (or none): a setting's marker is the model's colour where its test
+    is significant and white where it is not, one panel per study."""
+    df = pd.DataFrame({"study": ["s"] * 4 + ["t"] * 2, "x": [0, 1, 0, 1, 0, 1], "xlabel": "x",
+                       "model": ["a", "a", "b", "b", "a", "a"], "test NDCG@10": [.1, .2, .1, .3, .1, .1],
+                       "significant": [False, True, False, True, False, False]})
+    fig = viz.plot_regimes(df)
+    first = fig.axes[0].collections[0].get_facecolors()  # model a's markers in study s
+    assert len(fig.axes) == 2 and np.allclose(first[0], [1, 1, 1, 1]) and not np.allclose(first[1], [1, 1, 1, 1])
+
+
 def test_screen_png_is_a_smaller_png_at_most_the_screen_width(tmp_path):
     from PIL import Image
     fig = viz.plot_projection_pairs({("id", s): np.random.default_rng(1).normal(size=(3000, 2)) for s in viz.STAGES},

@@ -987,19 +987,24 @@ def plot_steps(df: pd.DataFrame, x: str, panels: Sequence[str]):
     return fig
 
 
-def plot_robustness(df: pd.DataFrame, value: str = "test NDCG@10"):
-    """One panel per perturbation (``deep_noise``, ``deep_keep``): ``value`` against the setting,
-    a line per (dataset, model). ``df``: columns dataset, perturbation, value, model and ``value``."""
+def plot_regimes(df: pd.DataFrame, value: str = "test NDCG@10"):
+    """One panel per study of notebook 07: ``value`` of each model against the study's setting, a line
+    per model, the marker filled where that setting's paired test separates the two models
+    (``significant``) and hollow where it does not. ``df``: columns study, x (the setting's value on
+    the panel's axis), xlabel, model, ``value`` and significant (bool)."""
     plt = _plt()
-    studies = list(dict.fromkeys(df["perturbation"]))
-    fig, axes = plt.subplots(1, len(studies), figsize=(3.6 * len(studies), 2.8), squeeze=False)
+    studies = list(dict.fromkeys(df["study"]))
+    fig, axes = plt.subplots(1, len(studies), figsize=(3.6 * len(studies), 3.0), squeeze=False)
     for ax, study in zip(axes[0], studies):
-        for (dataset, model), g in df[df["perturbation"] == study].groupby(["dataset", "model"], sort=False):
-            g = g.sort_values("value")
-            ax.plot(g["value"], g[value], marker="o", label=f"{model} ({dataset})")
-        ax.set(xlabel=study, ylabel=value, title={"deep_noise": "favors replaced at random",
-                                                   "deep_keep": "favors kept"}.get(study, study))
-    axes[0, 0].legend(fontsize=7)
+        panel = df[df["study"] == study]
+        for k, (model, g) in enumerate(panel.groupby("model", sort=False)):
+            g = g.sort_values("x")
+            colour = f"C{k}"
+            ax.plot(g["x"], g[value], color=colour, label=model)
+            ax.scatter(g["x"], g[value], s=30, zorder=3, edgecolors=colour,
+                       facecolors=[colour if sig else "white" for sig in g["significant"]])
+        ax.set(xlabel=panel["xlabel"].iloc[0], ylabel=value, title=study)
+    axes[0, 0].legend(fontsize=7, title="filled: paired test p < 0.05 (Holm)", title_fontsize=7)
     fig.tight_layout()
     return fig
 
