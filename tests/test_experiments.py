@@ -294,3 +294,28 @@ def test_popularity_buckets_on_known_counts():
     assert b["bucket"].tolist() == [1, 2, 3] and b["training targets"].tolist() == ["1-2", "3-5", "7-9"]
     assert b["rows"].tolist() == [2, 2, 2] and b["HR@10"].tolist() == [0.5, 1.0, 0.5]  # ranks (20, 2), (3, 1), (5, 11)
     assert b["NDCG@10"].tolist() == pytest.approx([1 / math.log2(3) / 2, (1 / 2 + 1) / 2, 1 / math.log2(6) / 2])
+
+
+def test_verdict_needs_a_p_value_below_alpha_and_takes_the_sign_of_the_difference():
+    assert experiments.verdict(0.01, 0.049) == "held" and experiments.verdict(-0.01, 0.001) == "not held"
+    assert experiments.verdict(0.5, 0.05) == experiments.verdict(0.5, float("nan")) == "inconclusive"
+
+
+def test_verdicts_read_each_claim_from_its_table_and_leave_out_a_missing_one(tmp_path):
+    """Catches the sampled ranking read as the main one, a component's verdict from its unadjusted p,
+    and a noise study 'held' where M3BSR is ahead at the noisiest setting but no further than at the cleanest."""
+    import pandas as pd
+    pd.DataFrame({"dataset": ["d1", "d2", "d1"], "ranking": ["full", "full", "1+99 sampled"],
+                  "best baseline": ["mbt", "sasrec", "mbt"], "M3BSR NDCG@10": [.2, .1, .1], "baseline NDCG@10": [.1, .2, .2],
+                  "difference": [.1, -.1, -.1], "Wilcoxon p (Holm)": [.01, .01, .001]}).to_csv(tmp_path / "04_significance.csv", index=False)
+    pd.DataFrame({"dataset": "d1", "variant": ["w/o CDMD", "T = 1"], "full NDCG@10": [.2, .2], "variant NDCG@10": [.18, .15],
+                  "difference": [.02, .05], "Wilcoxon p": [.01, .0005], "Wilcoxon p (Holm)": [.2, .001]}
+                 ).to_csv(tmp_path / "05_ablation_tests.csv", index=False)
+    pd.DataFrame({"study": ["1. noisy favors"] * 2 + ["3. accidental clicks"] * 2, "dataset": "synthetic",
+                  "field": ["deep_noise"] * 2 + ["syn_noise"] * 2, "value": [0.4, 0.0, 0.0, 0.5],
+                  "difference": [.03, .01, .05, .02], "Wilcoxon p (Holm)": [.01, .5, .01, .01]}
+                 ).to_csv(tmp_path / "07_regimes.csv", index=False)
+    v = experiments.verdicts(tmp_path)
+    assert list(v["verdict"]) == ["held", "not held", "inconclusive", "held", "held", "inconclusive"]
+    assert v["claim"].str.contains("more diffusion steps").sum() == 1 and not v["claim"].str.contains("separate").any()
+    assert "+0.0100 at 0, +0.0300 at 0.4" in v.at[4, "number"]  # sorted by setting: the cleanest first

@@ -222,7 +222,6 @@ def paired_test(dataset: str, model_a: str, model_b: str, seeds: Iterable[int], 
     (``"a NDCG@k"``, ``"b NDCG@k"``), the mean difference a - b, the Wilcoxon signed-rank p-value
     (two-sided, zero differences dropped) and the paired t-test p-value.
     """
-    from scipy import stats  # noqa: PLC0415
     seeds = list(seeds)
     sides = {"a": (model_a, {**(overrides or {}), **(flags_a or {})}),
              "b": (model_b, {**(overrides or {}), **(flags_b or {})})}
@@ -235,13 +234,20 @@ def paired_test(dataset: str, model_a: str, model_b: str, seeds: Iterable[int], 
             full, smp = trainer.ranks("test")
             values[side].append(ndcg_per_row(smp if sampled else full, k).numpy())
     a, b = (np.stack(values[side]).mean(0) for side in ("a", "b"))  # (users,): mean over the seeds
-    diff = a - b
-    differ = bool(np.any(diff != 0))  # identical values: no evidence of a difference (the tests would give NaN)
-    wilcoxon = stats.wilcoxon(a, b).pvalue if differ else 1.0
-    t_test = stats.ttest_rel(a, b).pvalue if differ else 1.0
     return {"dataset": dataset, "a": model_a, "b": model_b, "pairs": len(a), "seeds": len(seeds),
-            f"a NDCG@{k}": a.mean(), f"b NDCG@{k}": b.mean(), "mean difference": diff.mean(),
-            "Wilcoxon p": float(wilcoxon), "paired t p": float(t_test)}
+            f"a NDCG@{k}": a.mean(), f"b NDCG@{k}": b.mean(), **paired_stats(a, b)}
+
+
+def paired_stats(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Two paired samples ``(n,)``: the mean difference a - b, the Wilcoxon signed-rank p-value
+    (two-sided, zero differences dropped) and the paired t-test p-value; both p are 1 when every
+    pair ties (no evidence of a difference; the tests themselves would give NaN)."""
+    from scipy import stats  # noqa: PLC0415
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    differ = bool(np.any(diff != 0))
+    return {"mean difference": float(diff.mean()),
+            "Wilcoxon p": float(stats.wilcoxon(a, b).pvalue) if differ else 1.0,
+            "paired t p": float(stats.ttest_rel(a, b).pvalue) if differ else 1.0}
 
 
 def holm(pvalues: Iterable[float]) -> np.ndarray:
@@ -294,3 +300,72 @@ def by_target_popularity(trainer: Trainer, split: str = "test", buckets: int = 3
         rows.append({"bucket": b + 1, "training targets": f"{pop[sel].min()}-{pop[sel].max()}", "rows": int(sel.sum()),
                      f"HR@{k}": m[f"HR@{k}"], f"NDCG@{k}": m[f"NDCG@{k}"]})
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- the verdict on the paper's claims
+
+ALPHA = 0.05  # a claim is decided where its (Holm-adjusted) p-value is below this
+COMPONENT_CLAIMS = {"w/o CDMD": "CDMD helps", "w/o CDBD": "CDBD helps",
+                    "w/o contrastive loss": "the contrastive loss helps", "w/o common expert": "the common expert helps",
+                    "router = mean": "routing the experts helps (against their mean)",
+                    "T = 1": "more diffusion steps help (the tuned T against T = 1)"}
+
+
+def verdict(difference: float, p: float, alpha: float = ALPHA) -> str:
+    """A claim that one side is better, from the mean difference (positive: the claim's direction) and
+    its p-value: "held" (p < alpha, difference > 0), "not held" (p < alpha, difference < 0) or
+    "inconclusive" (p >= alpha: the data cannot tell)."""
+    if not p < alpha:
+        return "inconclusive"
+    return "held" if difference > 0 else "not held"
+
+
+def verdicts(results: str | Path) -> pd.DataFrame:
+    """Each claim of the paper, from the tables the notebooks wrote under ``results``: claim, where,
+    the number behind it, its Holm-adjusted Wilcoxon p-value and the verdict (:func:`verdict`).
+
+    * M3BSR beats the best baseline: ``04_significance.csv`` (full ranking), per dataset;
+    * each component helps: ``05_ablation_tests.csv``, the full model against each variant;
+    * denoising helps under noise: ``07_regimes.csv``, per study: held where M3BSR is significantly
+      ahead at the noisiest setting and further ahead than at the cleanest, not held where it is
+      significantly behind there;
+    * denoised representations separate: ``06_separation_tests.csv``, CDMD's change of kNN purity
+      (image, text) and CDBD's change of the accidental clicks' interest agreement.
+
+    A table that is missing leaves its claims out."""
+    results = Path(results)
+    rows = []
+
+    def read(name: str) -> pd.DataFrame | None:
+        return pd.read_csv(results / name) if (results / name).exists() else None
+
+    if (sig := read("04_significance.csv")) is not None:
+        for _, r in sig[sig["ranking"] == "full"].iterrows():
+            rows.append(("M3BSR beats the best baseline", f"{r['dataset']}, against {r['best baseline']}",
+                         f"NDCG@10 {r['M3BSR NDCG@10']:.4f} vs {r['baseline NDCG@10']:.4f}", r["Wilcoxon p (Holm)"],
+                         verdict(r["difference"], r["Wilcoxon p (Holm)"])))
+    if (abl := read("05_ablation_tests.csv")) is not None:
+        for _, r in abl.iterrows():
+            rows.append((f"each component helps: {COMPONENT_CLAIMS.get(r['variant'], r['variant'])}",
+                         f"{r['dataset']}, full vs {r['variant']}",
+                         f"NDCG@10 {r['full NDCG@10']:.4f} vs {r['variant NDCG@10']:.4f}", r["Wilcoxon p (Holm)"],
+                         verdict(r["difference"], r["Wilcoxon p (Holm)"])))
+    if (reg := read("07_regimes.csv")) is not None:
+        for (study, dataset), g in reg.groupby(["study", "dataset"], sort=False):
+            g = g.sort_values("value")
+            clean, noisy = g.iloc[0], g.iloc[-1]
+            held = verdict(noisy["difference"], noisy["Wilcoxon p (Holm)"])
+            if held == "held" and not noisy["difference"] > clean["difference"]:
+                held = "inconclusive"  # ahead at the noisiest setting, but no further ahead than at the cleanest
+            rows.append((f"denoising helps under noise: {study.split('. ', 1)[-1]}", f"{dataset}, {noisy['field']}",
+                         f"M3BSR - best baseline: {clean['difference']:+.4f} at {clean['value']:g}, "
+                         f"{noisy['difference']:+.4f} at {noisy['value']:g}", noisy["Wilcoxon p (Holm)"], held))
+    if (sep := read("06_separation_tests.csv")) is not None:
+        keep = (((sep["chain"] == "CDMD") & (sep["measure"] == "kNN purity"))
+                | ((sep["chain"] == "CDBD") & (sep["measure"] == "interest agreement, accidental")))
+        for _, r in sep[keep].iterrows():
+            claim = ("denoised representations separate: CDMD raises kNN purity" if r["chain"] == "CDMD" else
+                     "denoised representations separate: CDBD pulls accidental clicks towards the user's interests")
+            rows.append((claim, f"synthetic, {r['modality']} stream", f"{r['measure']} {r['before']:.3f} -> {r['after']:.3f}",
+                         r["Wilcoxon p (Holm)"], verdict(r["mean difference"], r["Wilcoxon p (Holm)"])))
+    return pd.DataFrame(rows, columns=["claim", "where", "number", "p (Holm)", "verdict"])

@@ -418,11 +418,18 @@ def nearest_neighbours(x: np.ndarray, mask: np.ndarray, queries: Sequence[int], 
     return out
 
 
-def label_agreement(x: np.ndarray, mask: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
-    """Mean fraction of each item's ``k`` cosine neighbours that share its label (items with ``mask``)."""
+def label_agreement_rows(x: np.ndarray, mask: np.ndarray, labels: np.ndarray, k: int = 10) -> np.ndarray:
+    """``(mask.sum(),)``: for each item with ``mask``, the fraction of its ``k`` cosine neighbours
+    (among the items with ``mask``) that share its label."""
     rows = np.flatnonzero(mask)
     nn = nearest_neighbours(x, mask, rows, k)
-    return float((labels[nn] == labels[rows][:, None]).mean())
+    return (labels[nn] == labels[rows][:, None]).mean(1)
+
+
+def label_agreement(x: np.ndarray, mask: np.ndarray, labels: np.ndarray, k: int = 10) -> float:
+    """Mean fraction of each item's ``k`` cosine neighbours that share its label (items with ``mask``):
+    the kNN purity, the mean of :func:`label_agreement_rows`."""
+    return float(label_agreement_rows(x, mask, labels, k).mean())
 
 
 def movie_features(movies: pd.DataFrame, ds: Dataset | None = None, n_items: int = 16,
