@@ -132,10 +132,10 @@ SIZES = {
                   equal_rows=4, sweep_batch=2, feature_dims={"image": 16, "text": 8},
                   sweep_overrides=dict(d=16, layers=1, heads=2, T=2),
                   overrides=dict(syn_users=60, syn_items=120, syn_events=30)),
-    # the setting: d=64, L=50, T=15, batch 256 on ml-100k-mm
-    # (sweeps at batch 32: L=200 at batch 64 peaks above 7 GiB)
+    # the setting: d=64, L=50, T=15, batch 256 on ml-100k-mm (the paper's sizes, on the default
+    # profile's data; sweeps at batch 32: L=200 at batch 64 peaks above 7 GiB)
     "full": Size(dataset="ml-100k-mm", profile="default", batch=256, repeats=3, warmup=1, epochs=5,
-                 naive_positions=5, equal_rows=16, sweep_batch=32),
+                 naive_positions=5, equal_rows=16, sweep_batch=32, overrides=dict(max_len=50, d=64, layers=2)),
 }
 
 # the measurements every run reports (CUDA adds matmul_bf16, --compile adds COMPILED)
@@ -1021,8 +1021,8 @@ def run_scaling(device: str = "auto", out: str | Path | None = None, threads: in
              Path(out) if out is not None else repo_root() / "results" / "bench")
     r.header.update({"device": _device_name(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
                      "size": f"scaling-{size}", "repeats": f"median of {r.repeats} after {sz.warmup} warm-up"})
-    m = make_config(sz.profile).model
-    _sweeps(r, m, make_config(sz.profile).data.max_len if size == "full" else sz.lengths[0])
+    base = make_config(sz.profile, sz.overrides)
+    _sweeps(r, base.model, base.data.max_len if size == "full" else sz.lengths[0])
     release_memory(dev)
     _mode_steps(r, size)
     release_memory(dev)
