@@ -80,6 +80,10 @@ def test_export_writes_best_overrides_that_make_config_accepts(two_trials):
     entry = json.loads(best_json.read_text())[NAME]
     study = optuna.load_study(study_name=NAME, storage=p["storage"])
     assert entry["valid_NDCG@10"] == study.best_value and entry["complete"] and entry["finished_trials"] == 2
+    import pandas as pd
+    studies = pd.read_csv(p["results"] / "studies.csv").set_index("study")  # written beside best.json
+    assert studies.at[NAME, "complete"] + studies.at[NAME, "pruned"] == 2 and studies.at[NAME, "hours"] > 0
+    assert studies.at[NAME, "best valid NDCG@10"] == pytest.approx(study.best_value, abs=1e-4)
     over = tune.best_overrides("synthetic", "sasrec", "ci", best_json)
     assert over == study.best_params
     cfg = make_config("ci", {**over, "model": "sasrec"})

@@ -250,7 +250,39 @@ def export(storage: str = STORAGE, path: str | Path = BEST, trials: int | None =
             f"({len(first)}/{n} finished trials)")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(path), json.dumps(best, indent=2, sort_keys=True) + "\n")
+    write_summary(db, Path(path).parent)
     return best
+
+
+def write_summary(db: "optuna.storages.BaseStorage", results: Path) -> Path:
+    """``<results>/studies.{csv,md}``: per study its trials by state, the profile's own trial (trial 0)
+    and the best one's validation NDCG@10, and the hours its trials ran (start to end of each trial,
+    summed; a trial's process ran one thread, two processes at a time on the 2-core CPU)."""
+    import optuna  # noqa: PLC0415
+    import pandas as pd  # noqa: PLC0415
+    from .files import atomic_write_text  # noqa: PLC0415
+    rows = []
+    for summary in sorted(optuna.get_all_study_summaries(db, include_best_trial=False), key=lambda s: s.study_name):
+        trials = optuna.load_study(study_name=summary.study_name, storage=db).get_trials(deepcopy=False)
+        states = pd.Series([t.state.name for t in trials])
+        values = {t.number: t.value for t in trials if t.state == optuna.trial.TrialState.COMPLETE}
+        ran = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+               if t.datetime_start is not None and t.datetime_complete is not None]
+        rows.append({"study": summary.study_name, "complete": int((states == "COMPLETE").sum()),
+                     "pruned": int((states == "PRUNED").sum()), "failed or running": int((~states.isin(["COMPLETE", "PRUNED"])).sum()),
+                     f"trial 0 valid {SELECT}": values.get(0, float("nan")),
+                     f"best valid {SELECT}": max(values.values()) if values else float("nan"),
+                     "hours": sum(ran) / 3600})
+    table = pd.DataFrame(rows, columns=["study", "complete", "pruned", "failed or running", f"trial 0 valid {SELECT}",
+                                        f"best valid {SELECT}", "hours"])
+    atomic_write_text(results / "studies.csv", table.to_csv(index=False, float_format="%.4f"))
+    total = table["hours"].sum()
+    lines = ["| " + " | ".join(table.columns) + " |", "|---|" + "---:|" * (len(table.columns) - 1)]
+    lines += ["| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |"
+              for row in table.itertuples(index=False)]
+    path = results / "studies.md"
+    atomic_write_text(path, f"# The tuning studies: {len(table)} studies, {total:.2f} hours of trials\n\n" + "\n".join(lines) + "\n")
+    return path
 
 
 def best_overrides(dataset: str, model: str, profile: str = "default", path: str | Path = BEST,
