@@ -266,8 +266,8 @@ def _check_type(value: Any, ftype: str, key: str) -> Any:
 # (docs/tuning.md; `tune --cost` priced it): width 32, one layer, windows of L = 20 events, batch 64,
 # validated every 10 steps, at least 150 steps and 150 steps of patience, a budget of 800 (M3BSR's runs
 # of `bench --time-to-quality` at this size reached their best within 140 to 790 steps). At the paper's
-# L = 50, d = 64, two layers and batch 256 one M3BSR step costs 13 to 33 CPU-seconds, and the study
-# 150 to 780 CPU-hours. paper (a GPU, larger data): validated every 100 steps, at least 2000 steps,
+# L = 50, d = 64, two layers and batch 256 one M3BSR step costs 12 to 50 CPU-seconds, and the study
+# 190 to 990 CPU-hours. paper (a GPU, larger data): validated every 100 steps, at least 2000 steps,
 # patience 1000, a budget of 20000.
 PROFILES: dict[str, dict[str, Any]] = {
     "ci": dict(syn_users=150, syn_items=200, syn_events=40, max_len=20, d=32, layers=1, heads=2, T=5,

@@ -27,7 +27,7 @@ speedup             the chain's ``s_to_own_best`` / this run's ``s_to_within_sd`
 
 The setting (:data:`SIZES`): the default profile, T = 15 with d = 32, one layer, L = 20 and batch 64,
 validated every 10 steps (spelled out, so that the bench keeps its setting if the profile moves). At
-the paper's d = 64, L = 50 and batch 256 one chain step costs 13 to 33 CPU-seconds on the 2-core CPU
+the paper's d = 64, L = 50 and batch 256 one chain step costs 12 to 50 CPU-seconds on the 2-core CPU
 (docs/tuning.md), so that a chain run to its best validation would take hours; the bench's ``step_time_mode=*`` rows time each mode's step at
 this setting (``bench --scaling``).
 
