@@ -207,6 +207,21 @@ def best_baseline(results: pd.DataFrame, dataset: str, model: str = "m3bsr", met
     return str(v.groupby("model")[metric].mean().idxmax())
 
 
+BASELINES = ("sasrec", "sasrec-mm", "bert4rec", "mbt", "diffurec")  # the trained baselines of the main table
+MAIN_SEEDS = {"ci": [0, 1], "default": [0, 1, 2, 3, 4], "paper": [0, 1, 2, 3, 4]}  # the main table's seeds per profile
+
+
+def best_baselines(datasets: Iterable[str], profile: str, runs: str | Path, overrides: dict[str, Any] | None = None,
+                   tuned: Tuned | None = None, jobs: int | None = 1) -> dict[str, str]:
+    """Dataset -> the main table's best baseline (:func:`best_baseline`, on validation), from the runs
+    of :data:`BASELINES` at :data:`MAIN_SEEDS` of ``profile`` (notebook 04's, reused from ``runs``;
+    trained where missing)."""
+    datasets = list(datasets)
+    main = run_grid(datasets, BASELINES, MAIN_SEEDS[profile], profile, runs, overrides, log=lambda *_: None,
+                    jobs=jobs, tuned=tuned)
+    return {dataset: best_baseline(main, dataset, "m3bsr") for dataset in datasets}
+
+
 def paired_test(dataset: str, model_a: str, model_b: str, seeds: Iterable[int], profile: str, runs: str | Path,
                 overrides: dict[str, Any] | None = None, k: int = 10, sampled: bool = False,
                 tuned: Tuned | None = None, flags_a: dict[str, Any] | None = None,

@@ -50,7 +50,7 @@ MODEL_SPACES: dict[str, Space] = {
 # The training budget of a tuning trial (on top of the profile); the final runs (the five-seed tables)
 # train with the profile's own. default: at most 250 steps (the profile's final runs: 150 to 800), at
 # least 100 and 100 of patience, so that all seven models' studies on the three datasets fit about
-# 5 CPU-hours on 2 cores and the costliest trial (M3BSR, 3 layers, batch 128, T = 15) about 20 minutes
+# 5 CPU-hours on 2 cores and the costliest trial (M3BSR, 3 layers, batch 128, T = 15) an estimated 20 minutes
 # (docs/tuning.md has the arithmetic).
 TRIAL_BUDGET: dict[str, dict[str, Any]] = {
     "ci": {},
