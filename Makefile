@@ -10,7 +10,8 @@ PROFILE ?= default
 # PLAN: quick | full, how much of notebooks 04-06's studies to run; empty: quick under the default profile
 PLAN ?=
 # OUT: where `make reproduce` writes its notebooks, results, figures and runs; `.` (= `make publish`)
-# writes over the committed notebooks/, results/ and figures/ (runs in runs/)
+# writes over the committed notebooks/, results/ and figures/, with the runs in results/runs (their
+# configs, histories, metrics and per-user ranks are committed, checkpoints are not: *.pt is ignored)
 OUT ?= reproduce
 # RTOL: relative tolerance of `make compare` (0: the same numbers)
 RTOL ?= 0
@@ -46,7 +47,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 PAPERMILL := $(PY) -m papermill --log-level WARNING
 NB_BUILD := build
 NB_CI := -p profile ci -p figures_dir $(NB_BUILD)/figures -p results_dir $(NB_BUILD)/results -p runs_dir $(NB_BUILD)/runs
-NB_OUT := $(if $(filter .,$(OUT)),,-p figures_dir $(OUT)/figures -p results_dir $(OUT)/results -p runs_dir $(OUT)/runs)
+NB_OUT := $(if $(filter .,$(OUT)),-p runs_dir results/runs,-p figures_dir $(OUT)/figures -p results_dir $(OUT)/results -p runs_dir $(OUT)/runs)
 
 test: install
 	rm -rf $(NB_BUILD)/notebooks $(NB_BUILD)/figures $(NB_BUILD)/results $(NB_BUILD)/runs

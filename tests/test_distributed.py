@@ -84,8 +84,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         assert m2[split] == pytest.approx(m1[split], abs=METRIC_ATOL, rel=0), split
 
     # rank 0 alone wrote the run folder; its checkpoint holds both ranks' RNG states
-    assert sorted(p.name for p in two.iterdir()) == ["best.pt", "config.json", "history.csv", "last.pt",
-                                                    "metrics.json", "train.log"]
+    assert sorted(p.name for p in two.iterdir()) == ["best.pt", "config.json", "history.csv", "last.pt", "metrics.json",
+                                                    "ranks.npz", "train.log"]
     from m3bsr.train import load_checkpoint
     assert len(load_checkpoint(two / "last.pt")["rng_ranks"]) == 2
 

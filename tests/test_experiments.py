@@ -84,6 +84,37 @@ def test_paired_test_pairs_every_test_user_once_and_reproduces_the_saved_means(g
         assert thrice[key] == pytest.approx(once[key], rel=1e-9)
 
 
+def test_a_finished_run_keeps_its_per_user_ranks_and_paired_tests_need_no_checkpoint(grid, tmp_path):
+    """Catches ranks.npz out of step with metrics.json (other rows, another checkpoint), and a paired
+    test that still loads checkpoints: the committed study's runs carry none."""
+    import shutil
+
+    import numpy as np
+
+    from m3bsr.metrics import metrics_from_ranks
+    from m3bsr.train import CheckpointError, load_ranks
+    runs, res = grid
+    cfg = experiments.grid_configs(["synthetic"], ["sasrec"], [0], "ci", OVER)[0]
+    saved = res[(res["model"] == "sasrec") & (res["seed"] == 0)].set_index("split")
+    t = experiments.trained("synthetic", "sasrec", 0, "ci", runs, OVER)
+    for split in ("valid", "test"):
+        r = load_ranks(run_dir(cfg, runs), split)
+        assert np.array_equal(r["users"], t.seq.split(split)["users"].numpy())
+        full, sampled = t.ranks(split)
+        assert np.array_equal(r["full"], full.numpy()) and np.array_equal(r["sampled"], sampled.numpy())
+        assert metrics_from_ranks(torch.from_numpy(r["full"]))["NDCG@10"] == pytest.approx(saved.at[split, "NDCG@10"], abs=1e-12)
+    bare = tmp_path / "runs"
+    shutil.copytree(runs, bare, ignore=shutil.ignore_patterns("*.pt"))
+    assert experiments.paired_test("synthetic", "sasrec", "pop", [0, 1], "ci", bare, OVER) == \
+        experiments.paired_test("synthetic", "sasrec", "pop", [0, 1], "ci", runs, OVER)
+    (run_dir(cfg, bare) / "ranks.npz").write_bytes(b"not an npz")
+    with pytest.raises(CheckpointError, match="ranks.npz: not a ranks file"):
+        experiments.paired_test("synthetic", "sasrec", "pop", [0], "ci", bare, OVER)
+    (run_dir(cfg, bare) / "ranks.npz").unlink()
+    with pytest.raises(CheckpointError, match="ranks.npz: missing"):
+        experiments.paired_test("synthetic", "sasrec", "pop", [0], "ci", bare, OVER)
+
+
 def test_paired_test_compares_a_variant_of_one_model_by_its_flags(grid):
     """An ablation is a model against itself with a flag: b's side trains and reads its own run."""
     runs, _ = grid
@@ -202,14 +233,9 @@ def test_paired_test_formulas_on_known_ranks(monkeypatch):
     from m3bsr.metrics import ndcg_per_row
     rank = {"a": torch.tensor([1, 2, 3, 7, 20, 1, 4, 100, 2, 9]), "b": torch.tensor([2, 2, 5, 1, 20, 3, 1, 50, 1, 3])}
 
-    class Stub:
-        def __init__(self, model):
-            self.model, self.ds = model, None
-
-        def ranks(self, split):
-            return rank[self.model], None
-
-    monkeypatch.setattr(experiments, "trained", lambda dataset, model, *a, **kw: Stub(model))
+    users = np.arange(10)
+    monkeypatch.setattr(experiments, "run_ranks",
+                        lambda dataset, model, *a, **kw: {"users": users, "full": rank[model].numpy()})
     out = experiments.paired_test("d", "a", "b", [0], "ci", "runs")
     a, b = (ndcg_per_row(rank[m], 10).numpy() for m in ("a", "b"))
     d = a - b  # three users tie (d = 0)

@@ -122,7 +122,8 @@ def test_notebook_runs_on_the_project_kernel_and_prints_its_environment(path):
 @pytest.mark.parametrize("target, out", [("reproduce", "reproduce"), ("reproduce OUT=/tmp/r1", "/tmp/r1"), ("publish", ".")])
 def test_reproduce_writes_beside_the_committed_study_unless_publishing(target, out):
     """`make -n` prints the papermill commands: each notebook goes to OUT/notebooks with its figures,
-    tables and runs under OUT; only OUT=. (make publish, the full plan) writes the committed folders."""
+    tables and runs under OUT; only OUT=. (make publish, the full plan) writes the committed folders,
+    its runs in results/runs."""
     printed = subprocess.run(["make", "-n", *target.split()], cwd=REPO, capture_output=True, text=True, check=True).stdout
     commands = [line for line in printed.splitlines() if "-m papermill" in line]
     assert len(commands) == 1 and "--progress-bar" in commands[0], "one loop over the notebooks, showing progress"
@@ -130,6 +131,7 @@ def test_reproduce_writes_beside_the_committed_study_unless_publishing(target, o
     assert f" $nb {out}/notebooks/$(basename $nb) " in command
     if out == ".":
         assert "-p plan full" in command and "figures_dir" not in command and "results_dir" not in command
+        assert "-p runs_dir results/runs" in command, "the study's runs land beside its tables (results/runs)"
     else:
         assert all(f"-p {d}_dir {out}/{d}" in command for d in ("figures", "results", "runs"))
     assert f"{out}/results results" in subprocess.run(["make", "-n", "compare", f"OUT={out}"], cwd=REPO,

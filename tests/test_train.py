@@ -430,7 +430,14 @@ def test_test_is_evaluated_once_from_the_best_checkpoint(tmp_path, monkeypatch):
             out["NDCG@10"] = 1.0 / self.steps
         return out
 
+    real_ranks = Trainer.ranks
+
+    def ranks(self, split):  # the final evaluation: the ranks behind metrics.json and ranks.npz
+        calls.append(split)
+        return real_ranks(self, split)
+
     monkeypatch.setattr(Trainer, "evaluate", scripted)
+    monkeypatch.setattr(Trainer, "ranks", ranks)
     tr = Trainer(ci_config(tmp_path, max_steps=12, eval_steps=3), tmp_path / "run")
     res = tr.fit()
     assert calls.count("test") == 1 and calls[-1] == "test" and res["best_step"] == 3

@@ -22,7 +22,7 @@ import torch
 from .config import Config, check_jobs, make_config
 from .data.schema import Dataset
 from .metrics import metrics_from_ranks, ndcg_per_row
-from .train import (CheckpointError, Trainer, load_data, load_trained, progress_bar, resolve_device, run_dir,
+from .train import (CheckpointError, Trainer, load_data, load_ranks, load_trained, progress_bar, resolve_device, run_dir,
                     train_cached)
 
 TABLE_METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
@@ -230,7 +230,8 @@ def paired_test(dataset: str, model_a: str, model_b: str, seeds: Iterable[int], 
     ``model_a`` with ``flags_a`` over ``overrides``, b likewise (e.g. ``"m3bsr"`` against itself with
     ``flags_b={"cdmd": False}`` for an ablation); configs by :func:`config_for`.
 
-    For each seed both best checkpoints rank the same test rows (one per user); a user's value is
+    For each seed both runs' best checkpoints ranked the same test rows (one per user; their
+    ``ranks.npz``, so no checkpoint is needed); a user's value is
     their NDCG@k (full ranking, or the 1+99 sampled ranking with ``sampled``) averaged over the
     seeds, so each user is one pair however many seeds there are (the seeds' values of one user
     are not independent pairs). Returns the number of pairs (users) and seeds, a's and b's means
@@ -241,13 +242,16 @@ def paired_test(dataset: str, model_a: str, model_b: str, seeds: Iterable[int], 
     sides = {"a": (model_a, {**(overrides or {}), **(flags_a or {})}),
              "b": (model_b, {**(overrides or {}), **(flags_b or {})})}
     values: dict[str, list] = {"a": [], "b": []}
-    data: dict[str, Dataset | None] = {"a": None, "b": None}  # each side's data, loaded once (flags may change it)
+    users = None
     for seed in seeds:
         for side, (model, flags) in sides.items():
-            trainer = trained(dataset, model, seed, profile, runs, flags, data[side], tuned=tuned)
-            data[side] = trainer.ds
-            full, smp = trainer.ranks("test")
-            values[side].append(ndcg_per_row(smp if sampled else full, k).numpy())
+            r = run_ranks(dataset, model, seed, profile, runs, flags, tuned)
+            if users is None:
+                users = r["users"]
+            elif not np.array_equal(r["users"], users):
+                raise ValueError(f"paired_test: {dataset} {model} seed {seed} ranked other test users than "
+                                 f"{sides['a'][0]} seed {seeds[0]}: the runs' data differ, no pairs to form")
+            values[side].append(ndcg_per_row(torch.from_numpy(r["sampled" if sampled else "full"]), k).numpy())
     a, b = (np.stack(values[side]).mean(0) for side in ("a", "b"))  # (users,): mean over the seeds
     return {"dataset": dataset, "a": model_a, "b": model_b, "pairs": len(a), "seeds": len(seeds),
             f"a NDCG@{k}": a.mean(), f"b NDCG@{k}": b.mean(), **paired_stats(a, b)}
@@ -276,6 +280,16 @@ def holm(pvalues: Iterable[float]) -> np.ndarray:
     out = np.empty(m)
     out[order] = adjusted
     return out
+
+
+def run_ranks(dataset: str, model: str, seed: int, profile: str, runs: str | Path,
+              overrides: dict[str, Any] | None = None, tuned: Tuned | None = None, split: str = "test") -> dict[str, np.ndarray]:
+    """A finished run's per-row ranks of ``split`` (``users``, ``full``, ``sampled``; :func:`m3bsr.train.load_ranks`),
+    the run's config by :func:`config_for`."""
+    run = run_dir(config_for(profile, dataset, model, seed, overrides, tuned), runs)
+    if not (run / "metrics.json").exists():
+        raise FileNotFoundError(f"{run}: no finished run (train it first, e.g. with run_grid)")
+    return load_ranks(run, split)
 
 
 def trained(dataset: str, model: str, seed: int, profile: str, runs: str | Path, overrides: dict[str, Any] | None = None,

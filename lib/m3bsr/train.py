@@ -414,7 +414,11 @@ def split_ranks(model: Recommender, split: dict[str, torch.Tensor], device: torc
 def evaluate(model: Recommender, split: dict[str, torch.Tensor], device: torch.device, **kw: Any) -> dict[str, float]:
     """Full-ranking metrics (and sampled 1+N metrics when ``negatives`` is given) on one split;
     keyword arguments as :func:`split_ranks`."""
-    full, sampled = split_ranks(model, split, device, **kw)
+    return rank_metrics(*split_ranks(model, split, device, **kw))
+
+
+def rank_metrics(full: torch.Tensor, sampled: torch.Tensor | None) -> dict[str, float]:
+    """The metrics of :func:`split_ranks`'s per-row ranks: full ranking, and ``sampled_*`` (1+N) with ``sampled``."""
     out = metrics_from_ranks(full)
     if sampled is not None:
         out.update({f"sampled_{k}": v for k, v in metrics_from_ranks(sampled).items()})
@@ -719,13 +723,15 @@ class Trainer:
                     if main:
                         save_checkpoint(self.out / "best.pt", state)
                     self.dist.barrier()
-            result = {**{s: self.evaluate(s) for s in self.splits}, "best_step": self.best_step,
+            ranked = {s: self.ranks(s) for s in self.splits}  # (full, sampled) per-row ranks of each split
+            result = {**{s: rank_metrics(*ranked[s]) for s in self.splits}, "best_step": self.best_step,
                       "best_epoch": self._epochs(self.best_step) if self.best_step >= 0 else -1,
                       "model": self.cfg.model.model, "dataset": self.ds.name, "n_eval_users": self.seq.n_eval_users}
             if stopped:
                 result["stopped_by_callback"] = True
             if self.out is not None:
-                if main:
+                if main:  # ranks.npz first: a run with metrics.json is finished, its ranks with it
+                    save_ranks(self.out / RANKS, {s: (self.seq.split(s)["users"], *ranked[s]) for s in self.splits})
                     atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2))
                 self.dist.barrier()
             if main:
@@ -901,6 +907,36 @@ def evaluate_run(run: str | Path, device: str = "auto", overrides: dict[str, Any
     cfg.train.device = device
     trainer = load_trained(cfg, run, overrides)
     return {"valid": trainer.evaluate("valid"), "test": trainer.evaluate("test")}
+
+
+RANKS = "ranks.npz"  # a finished run's per-row ranks of each split (:func:`save_ranks`)
+
+
+def save_ranks(path: Path, ranked: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> None:
+    """Write ``{split: (users, full, sampled)}`` (each ``(n,)``, one entry per evaluation row; ``sampled``
+    None without negatives) to ``path`` as ``<split>_users``, ``<split>_full``, ``<split>_sampled`` arrays:
+    the best checkpoint's per-user ranks, which paired tests read without the checkpoint."""
+    arrays = {f"{split}_{name}": t.numpy() for split, row in ranked.items()
+              for name, t in zip(("users", "full", "sampled"), row) if t is not None}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_ranks(run: str | Path, split: str = "test") -> dict[str, np.ndarray]:
+    """A finished run's per-row ranks of ``split`` (:func:`save_ranks`): ``users``, ``full`` and, with
+    sampled negatives, ``sampled``, each ``(n,)``."""
+    path = Path(run) / RANKS
+    try:
+        with np.load(path) as f:
+            out = {name: f[f"{split}_{name}"] for name in ("users", "full", "sampled") if f"{split}_{name}" in f}
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (a finished run writes it with metrics.json; train the run again)") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a ranks file ({type(e).__name__}: {e})") from None
+    if "full" not in out:
+        raise CheckpointError(f"{path}: no {split!r} ranks (expected arrays {split}_users, {split}_full)")
+    return out
 
 
 # The code a run's numbers come from (relative to the package folder): it names run folders with the config.
