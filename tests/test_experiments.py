@@ -115,6 +115,24 @@ def test_a_finished_run_keeps_its_per_user_ranks_and_paired_tests_need_no_checkp
         experiments.paired_test("synthetic", "sasrec", "pop", [0], "ci", bare, OVER)
 
 
+def test_a_run_without_its_checkpoint_is_trained_again_once_beside_it(grid, tmp_path):
+    """Catches a committed run (no best.pt) that cannot be evaluated again, a retrained checkpoint
+    written into the committed folder, and one trained anew on every call."""
+    import shutil
+    runs, res = grid
+    bare, again = tmp_path / "runs", tmp_path / "checkpoints"
+    shutil.copytree(runs, bare, ignore=shutil.ignore_patterns("*.pt"))
+    said = []
+    t = experiments.trained("synthetic", "sasrec", 0, "ci", bare, OVER, checkpoints=again, log=said.append)
+    saved = res[(res["model"] == "sasrec") & (res["seed"] == 0)].set_index("split").at["test", "NDCG@10"]
+    assert t.evaluate("test")["NDCG@10"] == pytest.approx(saved, abs=1e-12)  # one thread, one device: the same run
+    assert len(said) == 1 and "training it again" in said[0] and not list(bare.rglob("*.pt"))
+    cfg = experiments.grid_configs(["synthetic"], ["sasrec"], [0], "ci", OVER)[0]
+    assert (run_dir(cfg, again) / "best.pt").exists()
+    experiments.trained("synthetic", "sasrec", 0, "ci", bare, OVER, checkpoints=again, log=said.append)
+    assert len(said) == 1, "trained once"
+
+
 def test_paired_test_compares_a_variant_of_one_model_by_its_flags(grid):
     """An ablation is a model against itself with a flag: b's side trains and reads its own run."""
     runs, _ = grid
