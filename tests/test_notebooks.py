@@ -138,6 +138,12 @@ def test_reproduce_writes_beside_the_committed_study_unless_publishing(target, o
                                                        capture_output=True, text=True, check=True).stdout
 
 
+def test_readme_shows_the_committed_main_table():
+    """The README's result table is notebook 04's committed one (experiments.headline), not a copy gone stale."""
+    from m3bsr.experiments import headline
+    assert headline(REPO / "results") in (REPO / "README.md").read_text()
+
+
 def test_reproduction_folder_is_ignored_by_git():
     assert "reproduce/" in (REPO / ".gitignore").read_text().splitlines()
 

@@ -200,6 +200,19 @@ def markdown_table(summary: pd.DataFrame, results: pd.DataFrame, split: str = "t
     return "\n".join(lines) + "\n"
 
 
+def headline(results: str | Path, metric: str = "NDCG@10") -> str:
+    """The README's result table: notebook 04's full-ranking test ``metric`` (``<results>/04_main_full.csv``),
+    one row per model and one column per dataset, mean ± std over the seeds, the best of each column in bold."""
+    table = pd.read_csv(Path(results) / "04_main_full.csv")
+    cells = table.pivot(index="model", columns="dataset", values=metric).loc[table["model"].unique(), table["dataset"].unique()]
+    means = cells.map(lambda cell: float(cell.split(" ± ")[0]))
+    lines = ["| model | " + " | ".join(cells.columns) + " |", "|---|" + "---|" * len(cells.columns)]
+    for model, row in cells.iterrows():
+        lines.append(f"| {model} | " + " | ".join(f"**{c}**" if means.at[model, d] == means[d].max() else c
+                                                   for d, c in row.items()) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def best_baseline(results: pd.DataFrame, dataset: str, model: str = "m3bsr", metric: str = "NDCG@10") -> str:
     """The other model with the highest mean *validation* ``metric`` on ``dataset`` (chosen on
     validation, like every other choice here, so the test split does not pick the opponent)."""
