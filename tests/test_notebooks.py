@@ -74,15 +74,21 @@ def test_one_parameters_cell_first_with_the_common_parameters(path):
     assert "viz.check_" in after.source, "the cell after the parameters validates them"
 
 
-# The committed notebooks' outputs come from the code before the training rows, the step budget and the
-# notebooks' new cells (the environment cell, notebook 02's chain from scratch); they are re-executed with
-# `make publish` once the tuned study is in. Until then the check below fails, and says so (strict: once
-# they are re-executed it passes, and this mark must go).
-STALE = pytest.mark.xfail(strict=True, reason="committed outputs predate the current code: cells not yet executed "
-                                              "(make publish after the tuned study)")
+# Notebooks whose committed outputs come from the code before the training rows, the step budget and the
+# notebooks' new cells (the environment cell, notebook 02's chain from scratch): each is re-executed with
+# `make publish` once its runs of the tuned study are in. Until then the check below fails for it, and says
+# so (strict: once it is re-executed the check passes, and it must leave this set).
+STALE = {"02_diffusion_internals", "03_training", "04_main_results", "05_ablations", "06_denoising_figures",
+         "07_where_denoising_matters"}
+STALE_MARK = pytest.mark.xfail(strict=True, reason="committed outputs predate the current code: cells not yet executed "
+                                                   "(make publish after the tuned study)")
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=STALE) for p in NOTEBOOKS], ids=ids)
+def stale(paths):
+    return [pytest.param(p, marks=STALE_MARK) if p.stem in STALE else p for p in paths]
+
+
+@pytest.mark.parametrize("path", stale(NOTEBOOKS), ids=ids)
 def test_committed_notebook_carries_default_profile_outputs(path):
     nb = nbformat.read(path, as_version=4)
     cells = code_cells(nb)
@@ -100,7 +106,7 @@ def test_committed_notebook_outputs_are_from_the_default_profile_without_errors(
     assert all("profile = \"ci\"" not in c.source for c in injected)
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=STALE) if p.stem[:2] == "07" else p  # 07: not yet executed
+@pytest.mark.parametrize("path", [pytest.param(p, marks=STALE_MARK) if p.stem[:2] == "07" and p.stem in STALE else p
                                   for p in NOTEBOOKS if p.stem[:2] in ("04", "05", "06", "07")], ids=lambda p: p.stem)
 def test_committed_studies_are_the_full_plan(path):
     """docs/results.md's tables and the notebooks' summaries describe the full plan (`make publish`)."""
