@@ -161,6 +161,11 @@ def test_no_machine_paths_in_committed_cells(path):
     assert str(REPO.parent) + "/shared" not in text
 
 
+def test_no_machine_paths_in_committed_runs():
+    logs = [p.parent / "train.log" for p in sorted((REPO / "results" / "runs").glob("*/metrics.json"))]  # finished runs
+    assert not [p.parent.name for p in logs if str(REPO) in p.read_text()]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
 def test_unknown_dataset_fails_in_the_validation_cell(path, tmp_path, project_kernel):
     import papermill

@@ -78,6 +78,7 @@ def train_runs(cfgs: Iterable[Config], runs: str | Path, jobs: int | None = 1, l
     ``progress``). The first failure (or an interrupt) stops every worker and is raised here.
     """
     check_jobs(jobs)
+    runs = Path(os.path.relpath(runs))  # train.log names the run folder: no machine path in committed runs
     todo: dict[Path, Config] = {}
     for cfg in cfgs:
         out = run_dir(cfg, runs)
