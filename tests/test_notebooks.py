@@ -74,21 +74,7 @@ def test_one_parameters_cell_first_with_the_common_parameters(path):
     assert "viz.check_" in after.source, "the cell after the parameters validates them"
 
 
-# Notebooks whose committed outputs come from the code before the training rows, the step budget and the
-# notebooks' new cells (the environment cell, notebook 02's chain from scratch): each is re-executed with
-# `make publish` once its runs of the tuned study are in. Until then the check below fails for it, and says
-# so (strict: once it is re-executed the check passes, and it must leave this set).
-STALE = {"05_ablations", "06_denoising_figures",
-         "07_where_denoising_matters"}
-STALE_MARK = pytest.mark.xfail(strict=True, reason="committed outputs predate the current code: cells not yet executed "
-                                                   "(make publish after the tuned study)")
-
-
-def stale(paths):
-    return [pytest.param(p, marks=STALE_MARK) if p.stem in STALE else p for p in paths]
-
-
-@pytest.mark.parametrize("path", stale(NOTEBOOKS), ids=ids)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
 def test_committed_notebook_carries_default_profile_outputs(path):
     nb = nbformat.read(path, as_version=4)
     cells = code_cells(nb)
@@ -106,12 +92,12 @@ def test_committed_notebook_outputs_are_from_the_default_profile_without_errors(
     assert all("profile = \"ci\"" not in c.source for c in injected)
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=STALE_MARK) if p.stem[:2] == "07" and p.stem in STALE else p
-                                  for p in NOTEBOOKS if p.stem[:2] in ("04", "05", "06", "07")], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem[:2] in ("04", "05", "06", "07")], ids=lambda p: p.stem)
 def test_committed_studies_are_the_full_plan(path):
-    """docs/results.md's tables and the notebooks' summaries describe the full plan (`make publish`)."""
+    """docs/results.md's tables and the notebooks' summaries describe the full plan (`make publish`), whose
+    runs are committed in results/runs."""
     parameters = nbformat.read(path, as_version=4).metadata.get("papermill", {}).get("parameters", {})
-    assert parameters.get("plan") == "full"
+    assert parameters.get("plan") == "full" and parameters.get("runs_dir") == "results/runs"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=ids)
@@ -148,6 +134,11 @@ def test_readme_shows_the_committed_main_table():
     """The README's result table is notebook 04's committed one (experiments.headline), not a copy gone stale."""
     from m3bsr.experiments import headline
     assert headline(REPO / "results") in (REPO / "README.md").read_text()
+
+
+def test_readme_shows_the_committed_verdicts():
+    """The README's verdict table is the one notebook 07 wrote from the committed study (results/07_verdicts.md)."""
+    assert (REPO / "results" / "07_verdicts.md").read_text() in (REPO / "README.md").read_text()
 
 
 def test_reproduction_folder_is_ignored_by_git():
